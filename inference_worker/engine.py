@@ -1,0 +1,186 @@
+"""The loaded model: one llama.cpp context, used by one request at a time, in arrival order."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from model_swap.errors import ApiError
+
+log = logging.getLogger(__name__)
+
+
+class FairLock:
+    """A lock granted in arrival order (threading.Lock makes no such promise)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def acquire(self) -> None:
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            while self._serving != ticket:
+                self._cond.wait()
+
+    def release(self) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+    def waiting(self) -> int:
+        """How many holders and waiters there are now."""
+        with self._cond:
+            return self._next_ticket - self._serving
+
+    def __enter__(self) -> "FairLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What a load did."""
+
+    name: str
+    load_ms: float
+    previous: str | None
+
+
+def _open_llama(path: Path, n_ctx: int, n_gpu_layers: int):
+    # Imported here so the package imports (and most tests run) quickly.
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, verbose=False)
+
+
+class Engine:
+    """Wraps llama_cpp.Llama: load, unload (always close()), and stream; never serves another model."""
+
+    def __init__(self, n_ctx: int, n_gpu_layers: int, open_model: Callable = _open_llama):
+        self.n_ctx = n_ctx
+        self.n_gpu_layers = n_gpu_layers
+        self._open_model = open_model
+        # Held by each generation for its whole stream and by every load and unload:
+        # loads therefore drain the generations that arrived before them.
+        self._turn = FairLock()
+        self._llm = None
+        self._name: str | None = None
+        self._path: Path | None = None
+
+    @property
+    def loaded(self) -> str | None:
+        """The loaded model's name, or None."""
+        return self._name
+
+    def load(self, name: str, path: Path) -> LoadResult:
+        """Swap to `name`; on failure the previous model is loaded again and the error raised."""
+        with self._turn:
+            previous, previous_path = self._name, self._path
+            if previous == name:
+                return LoadResult(name, 0.0, previous)
+            # Unload first: with more models than memory, two resident models may not fit.
+            self._close_current()
+            started = time.perf_counter()
+            try:
+                self._llm = self._open_model(path, self.n_ctx, self.n_gpu_layers)
+            except Exception as err:
+                log.warning("[engine] load of %s failed: %s", name, err)
+                restored = self._restore(previous, previous_path)
+                raise ApiError(422, "load_failed",
+                               f"llama.cpp could not load {name}: {err}"
+                               + (f"; {previous} is loaded again" if restored else "")) from err
+            self._name, self._path = name, path
+            load_ms = (time.perf_counter() - started) * 1000
+            log.info("[engine] loaded %s in %.1fms (previous=%s)", name, load_ms, previous)
+            return LoadResult(name, load_ms, previous)
+
+    def _restore(self, name: str | None, path: Path | None) -> bool:
+        if name is None or path is None:
+            return False
+        try:
+            self._llm = self._open_model(path, self.n_ctx, self.n_gpu_layers)
+        except Exception:
+            log.exception("[engine] could not reload previous model %s", name)
+            return False
+        self._name, self._path = name, path
+        return True
+
+    def unload(self, name: str | None = None) -> str | None:
+        """Close the loaded model (only if it is `name`, when given); return what was unloaded."""
+        with self._turn:
+            if self._name is None or (name is not None and self._name != name):
+                return None
+            unloaded = self._name
+            self._close_current()
+            return unloaded
+
+    def _close_current(self) -> None:
+        if self._llm is None:
+            return
+        started = time.perf_counter()
+        name = self._name
+        try:
+            self._llm.close()
+        finally:
+            self._llm, self._name, self._path = None, None, None
+        log.info("[engine] unloaded %s in %.1fms", name, (time.perf_counter() - started) * 1000)
+
+    def begin(self, model: str | None) -> "Generation":
+        """Wait for this request's turn, then check the loaded model is the one asked for."""
+        self._turn.acquire()
+        try:
+            if self._llm is None:
+                raise ApiError(409, "model_not_loaded", "no model is loaded")
+            if model is not None and model != self._name:
+                raise ApiError(409, "model_not_loaded", f"{model} is not loaded (loaded: {self._name})")
+        except ApiError:
+            self._turn.release()
+            raise
+        return Generation(self._llm, self._name, self._turn.release)
+
+    def queue_depth(self) -> int:
+        """Requests holding or waiting for the model."""
+        return self._turn.waiting()
+
+
+class Generation:
+    """One request's turn on the model; release() is idempotent and ends the turn."""
+
+    def __init__(self, llm, name: str, release: Callable[[], None]):
+        self._llm = llm
+        self.name = name
+        self._release = release
+        self._released = False
+        self._lock = threading.Lock()
+
+    def stream(self, prompt: str, max_tokens: int, temperature: float | None) -> Iterator[str]:
+        """Yield text pieces as llama.cpp produces them."""
+        kwargs = {"max_tokens": max_tokens, "stream": True}
+        if temperature is not None:
+            kwargs["temperature"] = temperature
+        chunks = self._llm.create_completion(prompt, **kwargs)
+        try:
+            for chunk in chunks:
+                text = chunk["choices"][0]["text"]
+                if text:
+                    yield text
+        finally:
+            # Closing llama.cpp's generator stops decoding when the client went away.
+            chunks.close()
+
+    def release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self._release()

@@ -1,0 +1,117 @@
+"""Receiving, caching, loading, listing and deleting models."""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+from flask import Blueprint, jsonify, request
+
+from inference_worker import state
+from model_swap.digest import BLOCK_SIZE
+from model_swap.errors import ApiError
+from model_swap.names import check_model_name
+
+bp = Blueprint("models", __name__)
+
+
+def _read_body() -> Iterator[bytes]:
+    """Yield the request body in large blocks; reading in 1 MiB decides upload speed."""
+    stream = request.stream
+    while block := stream.read(BLOCK_SIZE):
+        yield block
+
+
+def _expected_digest() -> str | None:
+    value = request.headers.get("X-Model-Sha256")
+    if value is None:
+        return None
+    value = value.strip().lower()
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ApiError(400, "invalid_request", "X-Model-Sha256 must be 64 hex digits")
+    return value
+
+
+def _receive() -> dict:
+    """Store the body under X-Model-Name; return the receipt as JSON fields."""
+    name = check_model_name(request.headers.get("X-Model-Name"))
+    m = state.metrics()
+    try:
+        receipt = state.cache().receive(name, _read_body(), request.content_length, _expected_digest())
+    except Exception:
+        m.receives.labels("error").inc()
+        raise
+    m.receives.labels("ok").inc()
+    m.bytes_received.inc(receipt.size)
+    return {"name": name, "size": receipt.size, "sha256": receipt.sha256, "receive_ms": round(receipt.receive_ms, 2)}
+
+
+def _load(name: str) -> dict:
+    """Load a cached model into the engine, counting the result."""
+    cache, m = state.cache(), state.metrics()
+    if not cache.contains(name):
+        raise ApiError(404, "model_not_cached", f"{name} is not in the worker's cache")
+    try:
+        result = state.engine().load(name, cache.path_for(name))
+    except ApiError:
+        m.loads.labels("error").inc()
+        raise
+    m.loads.labels("ok").inc()
+    m.load_seconds.observe(result.load_ms / 1000)
+    m.loaded.set(1)
+    cache.touch(name)
+    return {"loaded": name, "previous": result.previous, "load_ms": round(result.load_ms, 2)}
+
+
+@bp.post("/load_model_from_store")
+def load_model_from_store():
+    """Receive a model's bytes, cache them, then load the model."""
+    body = _receive()
+    body.update(_load(body["name"]))
+    return jsonify(body)
+
+
+@bp.post("/cache_model")
+def cache_model():
+    """Receive a model's bytes into the cache without loading it."""
+    return jsonify(_receive())
+
+
+@bp.post("/load_model_from_local_store")
+def load_model_from_local_store():
+    """Load a model that is already cached."""
+    name = check_model_name(request.headers.get("X-Model-Name"))
+    return jsonify(_load(name))
+
+
+@bp.get("/models")
+def list_models():
+    """The truth of disk and memory: what is loaded and every cached file."""
+    engine = state.engine()
+    return jsonify({
+        "loaded": engine.loaded,
+        "cached": [m.to_json() for m in state.cache().list()],
+        "queue_depth": engine.queue_depth(),
+    })
+
+
+@bp.delete("/models/<name>")
+def delete_model(name: str):
+    """Remove a cached file, unloading it first if it is loaded."""
+    check_model_name(name)
+    started = time.perf_counter()
+    unloaded = state.engine().unload(name)
+    if unloaded:
+        state.metrics().loaded.set(0)
+    if not state.cache().delete(name) and not unloaded:
+        raise ApiError(404, "model_not_cached", f"{name} is not in the worker's cache")
+    return jsonify({"deleted": name, "unloaded": bool(unloaded),
+                    "elapsed_ms": round((time.perf_counter() - started) * 1000, 2)})
+
+
+@bp.post("/unload")
+def unload():
+    """Unload the loaded model, if any."""
+    unloaded = state.engine().unload()
+    state.metrics().loaded.set(0)
+    return jsonify({"unloaded": unloaded})

@@ -1,0 +1,183 @@
+"""The worker's disk cache: atomic receipt of model bytes, listing, deletion."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from model_swap.digest import GGUF_MAGIC, DigestMemo
+from model_swap.errors import ApiError
+from model_swap.names import check_model_name
+
+log = logging.getLogger(__name__)
+
+PARTIAL_PREFIX = ".incoming-"
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    """One model file in the cache."""
+
+    name: str
+    size: int
+    sha256: str
+    last_used: float
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "size": self.size, "sha256": self.sha256, "last_used": self.last_used}
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What receiving a model produced."""
+
+    name: str
+    size: int
+    sha256: str
+    receive_ms: float
+
+
+class ModelCache:
+    """GGUF files in one directory; nothing half-written is ever visible under a model's name."""
+
+    def __init__(self, root: Path, max_model_bytes: int, reserve_disk_bytes: int):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_model_bytes = max_model_bytes
+        self.reserve_disk_bytes = reserve_disk_bytes
+        self._digests = DigestMemo()
+        self._lock = threading.Lock()  # guards _last_used and publication/removal
+        self._last_used: dict[str, float] = {}
+
+    def path_for(self, name: str) -> Path:
+        """Return the cache path of a checked model name."""
+        return self.root / check_model_name(name)
+
+    def remove_partial_files(self) -> int:
+        """Delete temporary files a crash left behind; return how many."""
+        removed = 0
+        for path in self.root.glob(PARTIAL_PREFIX + "*"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            log.warning("removed %d partial file(s) left by an earlier crash", removed)
+        return removed
+
+    def check_room(self, size: int | None) -> None:
+        """Refuse a body that is too large (413) or that the disk cannot hold (507)."""
+        if size is not None and size > self.max_model_bytes:
+            raise ApiError(413, "model_too_large", f"{size} bytes exceeds the limit of {self.max_model_bytes}")
+        free = shutil.disk_usage(self.root).free
+        if (size or 0) + self.reserve_disk_bytes > free:
+            raise ApiError(507, "insufficient_storage",
+                           f"{free} bytes free on the cache disk; need {size or 0} plus {self.reserve_disk_bytes} reserved")
+
+    def receive(self, name: str, blocks: Iterable[bytes], size: int | None = None,
+                sha256: str | None = None) -> Receipt:
+        """Stream blocks into a temp file, verify them, then publish under `name` atomically."""
+        final = self.path_for(name)
+        if size is not None and size < 0:
+            raise ApiError(400, "invalid_request", "size must not be negative")
+        self.check_room(size)
+        started = time.perf_counter()
+        fd, tmp_name = tempfile.mkstemp(prefix=PARTIAL_PREFIX, dir=self.root)
+        tmp = Path(tmp_name)
+        try:
+            digest, received = self._write_blocks(fd, blocks)
+            fd = -1
+            self._verify(tmp, name, received, size, digest, sha256)
+            with self._lock:
+                os.replace(tmp, final)
+                self._fsync_dir()
+                self._last_used[name] = time.time()
+            self._digests.remember(final, digest)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        receive_ms = (time.perf_counter() - started) * 1000
+        log.info("[cache] received %s size=%d sha256=%s in %.1fms", name, received, digest[:12], receive_ms)
+        return Receipt(name, received, digest, receive_ms)
+
+    def _write_blocks(self, fd: int, blocks: Iterable[bytes]) -> tuple[str, int]:
+        """Write and hash every block; close the fd; return (hexdigest, bytes)."""
+        hasher = hashlib.sha256()
+        received = 0
+        with os.fdopen(fd, "wb", buffering=0) as f:
+            for block in blocks:
+                received += len(block)
+                if received > self.max_model_bytes:
+                    raise ApiError(413, "model_too_large", f"body exceeds the limit of {self.max_model_bytes} bytes")
+                hasher.update(block)
+                try:
+                    f.write(block)
+                except OSError as err:
+                    if err.errno == errno.ENOSPC:
+                        raise ApiError(507, "insufficient_storage", "cache disk is full") from err
+                    raise
+            os.fsync(f.fileno())
+        return hasher.hexdigest(), received
+
+    @staticmethod
+    def _verify(tmp: Path, name: str, received: int, size: int | None, digest: str, sha256: str | None) -> None:
+        """Check size, digest and GGUF magic of the received file."""
+        if size is not None and received != size:
+            raise ApiError(400, "incomplete_body", f"{name}: received {received} of {size} bytes")
+        if sha256 is not None and digest != sha256.lower():
+            raise ApiError(422, "digest_mismatch", f"{name}: sha256 {digest} does not match expected {sha256}")
+        with open(tmp, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise ApiError(422, "not_gguf", f"{name}: body does not start with the GGUF magic")
+
+    def _fsync_dir(self) -> None:
+        dir_fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def contains(self, name: str) -> bool:
+        """Whether a model file is cached."""
+        return self.path_for(name).is_file()
+
+    def touch(self, name: str) -> None:
+        """Record that a model was just used."""
+        with self._lock:
+            self._last_used[name] = time.time()
+
+    def list(self) -> list[CachedModel]:
+        """Every cached model with size, digest and last use, oldest use first."""
+        models = []
+        for path in sorted(self.root.glob("*.gguf")):
+            try:
+                check_model_name(path.name)
+                st = path.stat()
+                digest = self._digests.sha256(path)
+            except (ApiError, FileNotFoundError):
+                continue
+            with self._lock:
+                last_used = self._last_used.get(path.name, st.st_mtime)
+            models.append(CachedModel(path.name, st.st_size, digest, last_used))
+        return sorted(models, key=lambda m: m.last_used)
+
+    def delete(self, name: str) -> bool:
+        """Remove a cached model; return whether it existed."""
+        path = self.path_for(name)
+        with self._lock:
+            existed = path.is_file()
+            path.unlink(missing_ok=True)
+            self._last_used.pop(name, None)
+        self._digests.forget(path)
+        if existed:
+            log.info("[cache] deleted %s", name)
+        return existed

@@ -1,0 +1,129 @@
+"""Cache policies over the worker's disk: a pure decision over names and sizes, no I/O.
+
+Built on cachetools: lru is an LRUCache, ttl and lru-ttl are TTLCaches (which already
+evict least-recently-used first when full), no-evict is a Cache whose popitem refuses.
+Not thread-safe: the owner holds a lock around every call.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import cachetools
+
+
+class CacheFull(Exception):
+    """The policy refuses to admit a model (no-evict and full)."""
+
+
+class TooLargeForCache(Exception):
+    """The model alone exceeds the cache's byte bound."""
+
+
+class _NoEvictCache(cachetools.Cache):
+    """A cache that never chooses a victim."""
+
+    def popitem(self):
+        raise CacheFull("cache is full and the no-evict policy refuses new models")
+
+
+@dataclass(frozen=True)
+class Admission:
+    """The decision for one admission: what to evict first (in order)."""
+
+    name: str
+    evicted: tuple[str, ...]
+
+
+class CachePolicy:
+    """Which models live on the worker's disk; values are model sizes in bytes."""
+
+    def __init__(self, name: str, cache: cachetools.Cache, max_count: float, max_bytes: int | None):
+        self.name = name
+        self._cache = cache
+        self._max_count = max_count
+        self._max_bytes = max_bytes
+        self._timed = isinstance(cache, cachetools.TTLCache)
+
+    def __contains__(self, name: str) -> bool:
+        """Whether `name` is admitted and, for timed policies, not expired."""
+        return name in self._cache
+
+    def entries(self) -> list[str]:
+        """Admitted names, next victim first."""
+        return list(self._cache.keys())
+
+    def total_bytes(self) -> int:
+        return sum(self._cache.values())
+
+    def touch(self, name: str) -> bool:
+        """Mark `name` used now (recency and ttl restart); return whether it is admitted."""
+        if name not in self._cache:
+            return False
+        # Re-setting moves the entry to most-recent and, for ttl, restarts its clock.
+        self._cache[name] = self._cache[name]
+        return True
+
+    def admit(self, name: str, size: int) -> Admission:
+        """Admit `name`, deciding victims; raises CacheFull or TooLargeForCache and then changes nothing."""
+        if self._max_bytes is not None and size > self._max_bytes:
+            raise TooLargeForCache(f"{name} ({size} bytes) exceeds MAX_CACHE_BYTES={self._max_bytes}")
+        if name in self._cache:
+            self.touch(name)
+            return Admission(name, ())
+        if self._timed:
+            with self._cache.timer:  # freeze time: nothing may expire between our sweep and insert
+                evicted = [key for key, _ in self._cache.expire()]
+                return Admission(name, tuple(evicted) + self._make_room_and_insert(name, size))
+        return Admission(name, self._make_room_and_insert(name, size))
+
+    def _make_room_and_insert(self, name: str, size: int) -> tuple[str, ...]:
+        victims: list[tuple[str, int]] = []
+        try:
+            while self._cache and (len(self._cache) + 1 > self._max_count or self._over_bytes(size)):
+                victims.append(self._cache.popitem())
+        except CacheFull:
+            for key, value in reversed(victims):  # unreachable for no-evict, kept for safety
+                self._cache[key] = value
+            raise
+        self._cache[name] = size
+        return tuple(key for key, _ in victims)
+
+    def _over_bytes(self, size: int) -> bool:
+        return self._max_bytes is not None and self.total_bytes() + size > self._max_bytes
+
+    def discard(self, name: str) -> bool:
+        """Forget `name` (its transfer failed, or it vanished from the worker)."""
+        return self._cache.pop(name, None) is not None
+
+    def expire(self) -> list[str]:
+        """Sweep expired entries now; return their names (empty for untimed policies)."""
+        if not self._timed:
+            return []
+        return [key for key, _ in self._cache.expire()]
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+def build_policy(policy: str, max_count: int, max_bytes: int | None = None, ttl_seconds: float | None = None,
+                 timer: Callable[[], float] = time.monotonic) -> CachePolicy:
+    """Make one of lru, no-evict, ttl, lru-ttl."""
+    if policy == "lru":
+        cache = cachetools.LRUCache(maxsize=math.inf)
+        bound: float = max_count
+    elif policy == "no-evict":
+        cache = _NoEvictCache(maxsize=math.inf)
+        bound = max_count
+    elif policy == "ttl":
+        cache = cachetools.TTLCache(maxsize=math.inf, ttl=ttl_seconds, timer=timer)
+        bound = math.inf
+    elif policy == "lru-ttl":
+        cache = cachetools.TTLCache(maxsize=math.inf, ttl=ttl_seconds, timer=timer)
+        bound = max_count
+    else:
+        raise ValueError(f"unknown cache policy {policy!r}")
+    return CachePolicy(policy, cache, bound, max_bytes)

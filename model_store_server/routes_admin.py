@@ -1,0 +1,72 @@
+"""Admin: reset the worker's cache, prefetch a model; listing, health and metrics."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response, current_app, jsonify
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from model_store_server.swapper import Swapper
+from model_swap.errors import ApiError
+from model_swap.names import check_model_name
+from model_swap.web import json_body
+
+bp = Blueprint("admin", __name__)
+log = logging.getLogger(__name__)
+
+
+def _swapper() -> Swapper:
+    return current_app.extensions["store"]["swapper"]
+
+
+@bp.post("/admin/reset")
+def reset():
+    """Unload and delete everything on the worker; empty the policy."""
+    outcome = _swapper().reset()
+    return jsonify({"status": "reset", "deleted": list(outcome.evicted)})
+
+
+@bp.post("/admin/prefetch")
+def prefetch():
+    """Put a model in the worker's cache without loading it."""
+    name = check_model_name(json_body().get("model"))
+    outcome = _swapper().prefetch(name)
+    log.info("[/admin/prefetch] model=%s action=%s evicted=[%s] cached=[%s]", name, outcome.action,
+             ", ".join(outcome.evicted), ", ".join(outcome.cached))
+    return jsonify({"model": name, "action": outcome.action, "evicted": list(outcome.evicted),
+                    "cached": outcome.cached, "transport": outcome.transport})
+
+
+@bp.get("/models")
+def models():
+    """The store's models and what the worker holds."""
+    swapper = _swapper()
+    config = current_app.extensions["store"]["config"]
+    try:
+        worker = swapper.worker.state()
+        worker_view = {"reachable": True, "loaded": worker.loaded, "cached": [c["name"] for c in worker.cached]}
+    except ApiError:
+        worker_view = {"reachable": False, "loaded": None, "cached": []}
+    return jsonify({
+        "models": [m.to_json() for m in swapper.catalog.list()],
+        "policy": {"name": config.cache_policy, "cached": swapper.cached(), "loaded": swapper.loaded(),
+                   "max_cache_size": config.max_cache_size, "max_cache_bytes": config.max_cache_bytes,
+                   "ttl_seconds": config.ttl_seconds},
+        "worker": worker_view,
+        "scheduler": swapper.scheduler.snapshot(),
+    })
+
+
+@bp.get("/health")
+def health():
+    """Liveness of the store, and whether the worker answers."""
+    worker_ok = _swapper().worker.health()
+    return jsonify({"status": "ok", "worker": "ok" if worker_ok else "unreachable"})
+
+
+@bp.get("/metrics")
+def metrics():
+    """Prometheus text format."""
+    registry = current_app.extensions["store"]["metrics"].registry
+    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)

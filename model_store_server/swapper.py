@@ -1,0 +1,262 @@
+"""Makes the worker hold the model a request needs: the effects the policy decides, in order.
+
+Every change to the worker (transfer, load, eviction, reset, reconciliation) happens while
+holding the scheduler's exclusive access, so the policy's view and the worker's disk agree
+whenever no change is in progress. Requests for the model that is loaded share the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from model_store_server.catalog import Catalog, StoredModel
+from model_store_server.metrics import StoreMetrics
+from model_store_server.policy import CacheFull, CachePolicy, TooLargeForCache
+from model_store_server.scheduler import Scheduler
+from model_store_server.transport import Transport
+from model_store_server.worker_client import WorkerClient
+from model_swap.errors import ApiError
+from model_swap.names import check_model_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    """What one request caused on the worker."""
+
+    action: str
+    evicted: tuple[str, ...] = ()
+    decision_ms: float = 0.0
+    worker_ms: float = 0.0
+    transport: str = ""
+    cached: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Lease:
+    """A request's hold on the loaded model; release() when its stream ends."""
+
+    outcome: Outcome
+    release: Callable[[], None]
+
+
+class Swapper:
+    """Owns the policy and the store's belief of the worker's state."""
+
+    def __init__(self, catalog: Catalog, policy: CachePolicy, worker: WorkerClient, transport: Transport,
+                 metrics: StoreMetrics):
+        self.catalog = catalog
+        self.policy = policy
+        self.worker = worker
+        self.transport = transport
+        self.metrics = metrics
+        self.scheduler = Scheduler()
+        self._policy_lock = threading.Lock()  # cachetools caches are not thread-safe
+        self._loaded: str | None = None
+        self._stale = True  # the worker's state must be read before the next change
+
+    def cached(self) -> list[str]:
+        with self._policy_lock:
+            return self.policy.entries()
+
+    def loaded(self) -> str | None:
+        return self._loaded
+
+    def lease(self, name: str) -> Lease:
+        """Wait for the turn of a request for `name` and make sure the worker has it loaded."""
+        model = self.catalog.get(name)  # a 404 needs no turn
+        if self.scheduler.acquire(name):
+            try:
+                outcome = self._ensure_loaded(model)
+            except BaseException:
+                self.scheduler.release_exclusive()
+                raise
+            self.scheduler.downgrade(name)
+        else:
+            started = time.perf_counter()
+            with self._policy_lock:
+                self.policy.touch(name)
+            outcome = Outcome("already_loaded", decision_ms=(time.perf_counter() - started) * 1000)
+        outcome.cached = self.cached()
+        self.metrics.requests.labels(outcome.action).inc()
+        return Lease(outcome, self.scheduler.release_shared)
+
+    def mark_stale(self) -> None:
+        """The worker may have changed behind our back (restart, lost connection)."""
+        self._stale = True
+
+    def _ensure_loaded(self, model: StoredModel) -> Outcome:
+        try:
+            if self._stale:
+                self._reconcile()
+            return self._bring(model, load=True)
+        except ApiError as err:
+            if err.code in ("worker_unavailable", "worker_error"):
+                self._stale = True
+            raise
+
+    def _bring(self, model: StoredModel, load: bool) -> Outcome:
+        """Hit, local load, or admission + transfer (+ load); the caller holds exclusive access."""
+        name = model.name
+        started = time.perf_counter()
+        with self._policy_lock:
+            hit = self.policy.touch(name)
+        decision_ms = (time.perf_counter() - started) * 1000
+        if hit and (self._loaded == name or not load):
+            return Outcome("already_loaded" if load else "already_cached", decision_ms=decision_ms)
+        if hit:
+            worker_started = time.perf_counter()
+            try:
+                self._load(name)
+                return Outcome("load_from_local_store", decision_ms=decision_ms,
+                               worker_ms=(time.perf_counter() - worker_started) * 1000)
+            except ApiError as err:
+                if err.code != "model_not_cached":
+                    raise
+                log.warning("[swap] %s vanished from the worker's disk; sending it again", name)
+                with self._policy_lock:
+                    self.policy.discard(name)
+        return self._admit_and_send(model, load)
+
+    def _admit_and_send(self, model: StoredModel, load: bool) -> Outcome:
+        name = model.name
+        started = time.perf_counter()
+        with self._policy_lock:
+            try:
+                admission = self.policy.admit(name, model.size)
+            except CacheFull as err:
+                self.metrics.requests.labels("rejected").inc()
+                raise ApiError(503, "cache_full", f"{name} not admitted: {err}") from None
+            except TooLargeForCache as err:
+                raise ApiError(413, "model_too_large", str(err)) from None
+        decision_ms = (time.perf_counter() - started) * 1000
+        worker_started = time.perf_counter()
+        try:
+            self._evict(admission.evicted)
+            sent = self.transport.send(model)
+        except BaseException:
+            with self._policy_lock:
+                self.policy.discard(name)
+            self._stale = True
+            raise
+        self.metrics.bytes_sent.labels(sent.transport).inc(model.size)
+        self.metrics.transfer_seconds.labels(sent.transport).observe(sent.seconds)
+        log.info("[swap] sent %s (%d bytes) over %s in %.1fms (%.2f GB/s)", name, model.size, sent.transport,
+                 sent.seconds * 1000, model.size / sent.seconds / 1e9 if sent.seconds else 0.0)
+        if load:
+            try:
+                self._load(name)
+            except ApiError as err:
+                if err.code == "load_failed":  # a file the worker cannot load is no use cached
+                    self._forget_on_worker(name)
+                raise
+        return Outcome("load_from_store" if load else "cached", admission.evicted, decision_ms,
+                       (time.perf_counter() - worker_started) * 1000, sent.transport)
+
+    def _load(self, name: str) -> None:
+        started = time.perf_counter()
+        self._loaded = None  # until the worker confirms, we do not know
+        self.worker.load_local(name)
+        self._loaded = name
+        seconds = time.perf_counter() - started
+        self.metrics.load_seconds.observe(seconds)
+        log.info("[swap] loaded %s on the worker in %.1fms", name, seconds * 1000)
+
+    def _evict(self, victims: tuple[str, ...]) -> None:
+        for victim in victims:
+            started = time.perf_counter()
+            self.worker.delete(victim)
+            if self._loaded == victim:
+                self._loaded = None
+            self.metrics.evictions.inc()
+            log.info("[swap] evicted %s from the worker in %.1fms", victim, (time.perf_counter() - started) * 1000)
+
+    def _forget_on_worker(self, name: str) -> None:
+        with self._policy_lock:
+            self.policy.discard(name)
+        try:
+            self.worker.delete(name)
+        except ApiError:
+            self._stale = True
+
+    def _reconcile(self) -> None:
+        """Adopt the worker's files that match ours (name and sha256); delete the rest there."""
+        state = self.worker.state()
+        adopted, removed = [], []
+        with self._policy_lock:
+            self.policy.clear()
+        for entry in state.cached:  # oldest use first, so recency survives a restart
+            name = entry.get("name", "")
+            try:
+                check_model_name(name)
+                ours = self.catalog.get(name)
+            except ApiError:
+                ours = None
+            if ours is None or ours.sha256 != entry.get("sha256"):
+                self.worker.delete(name)
+                removed.append(name)
+                continue
+            try:
+                with self._policy_lock:
+                    admission = self.policy.admit(name, ours.size)
+            except (CacheFull, TooLargeForCache):
+                self.worker.delete(name)
+                removed.append(name)
+                continue
+            self._evict(admission.evicted)
+            removed.extend(admission.evicted)
+            adopted.append(name)
+        with self._policy_lock:
+            kept = set(self.policy.entries())
+        self._loaded = state.loaded if state.loaded in kept else None
+        self._stale = False
+        log.info("[reconcile] adopted=[%s] removed=[%s] loaded=%s", ", ".join(adopted), ", ".join(removed),
+                 self._loaded)
+
+    def run_exclusive(self, action: Callable[[], Outcome]) -> Outcome:
+        """Run an admin action with exclusive access to the worker."""
+        self.scheduler.acquire(None)
+        try:
+            if self._stale:
+                self._reconcile()
+            return action()
+        except ApiError as err:
+            if err.code in ("worker_unavailable", "worker_error"):
+                self._stale = True
+            raise
+        finally:
+            self.scheduler.release_exclusive()
+
+    def prefetch(self, name: str) -> Outcome:
+        """Put a model into the worker's cache without loading it."""
+        model = self.catalog.get(name)
+        outcome = self.run_exclusive(lambda: self._bring(model, load=False))
+        outcome.cached = self.cached()
+        return outcome
+
+    def reset(self) -> Outcome:
+        """Unload and delete everything on the worker and empty the policy."""
+
+        def _wipe() -> Outcome:
+            self.worker.unload()
+            self._loaded = None
+            deleted = [entry["name"] for entry in self.worker.state().cached]
+            for name in deleted:
+                self.worker.delete(name)
+            with self._policy_lock:
+                self.policy.clear()
+            self._stale = False
+            log.info("[reset] worker cache emptied: [%s]", ", ".join(deleted))
+            return Outcome("reset", tuple(deleted))
+
+        return self.run_exclusive(_wipe)
+
+    def reconcile(self) -> None:
+        """Read the worker's state now (at start-up)."""
+        self._stale = True
+        self.run_exclusive(lambda: Outcome("reconciled"))

@@ -1,0 +1,46 @@
+"""The one JSON error envelope both services answer with."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error with its own HTTP status, stable snake_case code and headers."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+    def to_response(self):
+        """Render as the JSON envelope."""
+        response = jsonify({"error": {"code": self.code, "message": self.message}})
+        response.status_code = self.status
+        response.headers.update(self.headers)
+        return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Answer every error, expected or not, with the envelope."""
+
+    @app.errorhandler(ApiError)
+    def _api_error(err: ApiError):
+        return err.to_response()
+
+    @app.errorhandler(HTTPException)
+    def _http_error(err: HTTPException):
+        code = (err.name or "http_error").lower().replace(" ", "_").replace("'", "")
+        return ApiError(err.code or 500, code, err.description or err.name).to_response()
+
+    @app.errorhandler(Exception)
+    def _unexpected(err: Exception):
+        log.exception("unhandled error")
+        return ApiError(500, "internal_error", "internal error; see the server log").to_response()

@@ -1,0 +1,50 @@
+"""Run a Flask app factory under gunicorn: one process, many threads."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from flask import Flask
+from gunicorn.app.base import BaseApplication
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """Send every log line to stderr in one format."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+
+
+class _GunicornApp(BaseApplication):
+    """Gunicorn application that builds the Flask app inside the worker process."""
+
+    def __init__(self, factory: Callable[[], Flask], options: dict):
+        self._factory = factory
+        self._options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Flask:
+        # Built here, after the fork, so threads the app starts live in the serving process.
+        return self._factory()
+
+
+def serve(factory: Callable[[], Flask], host: str, port: int, threads: int, log_level: str) -> None:
+    """Serve with one gthread worker: model and cache state live in process memory."""
+    options = {
+        "bind": f"{host}:{port}",
+        "workers": 1,
+        "worker_class": "gthread",
+        "threads": threads,
+        # Streams and uploads can be long; gthread workers heartbeat on their own.
+        "timeout": 600,
+        "graceful_timeout": 10,
+        "keepalive": 5,
+        "loglevel": log_level.lower(),
+        "accesslog": None,
+    }
+    _GunicornApp(factory, options).run()
