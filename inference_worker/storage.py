@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable
 
 from model_swap.digest import GGUF_MAGIC, DigestMemo
 from model_swap.errors import ApiError
@@ -92,8 +92,8 @@ class ModelCache:
         fd, tmp_name = tempfile.mkstemp(prefix=PARTIAL_PREFIX, dir=self.root)
         tmp = Path(tmp_name)
         try:
-            digest, received = self._write_blocks(fd, blocks)
-            fd = -1
+            with os.fdopen(fd, "wb", buffering=0) as f:
+                digest, received = self._write_blocks(f, blocks)
             self._verify(tmp, name, received, size, digest, sha256)
             with self._lock:
                 os.replace(tmp, final)
@@ -101,31 +101,28 @@ class ModelCache:
                 self._last_used[name] = time.time()
             self._digests.remember(final, digest)
         except BaseException:
-            if fd >= 0:
-                os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
         receive_ms = (time.perf_counter() - started) * 1000
         log.info("[cache] received %s size=%d sha256=%s in %.1fms", name, received, digest[:12], receive_ms)
         return Receipt(name, received, digest, receive_ms)
 
-    def _write_blocks(self, fd: int, blocks: Iterable[bytes]) -> tuple[str, int]:
-        """Write and hash every block; close the fd; return (hexdigest, bytes)."""
+    def _write_blocks(self, f: BinaryIO, blocks: Iterable[bytes]) -> tuple[str, int]:
+        """Write, hash and fsync every block; return (hexdigest, bytes)."""
         hasher = hashlib.sha256()
         received = 0
-        with os.fdopen(fd, "wb", buffering=0) as f:
-            for block in blocks:
-                received += len(block)
-                if received > self.max_model_bytes:
-                    raise ApiError(413, "model_too_large", f"body exceeds the limit of {self.max_model_bytes} bytes")
-                hasher.update(block)
-                try:
-                    f.write(block)
-                except OSError as err:
-                    if err.errno == errno.ENOSPC:
-                        raise ApiError(507, "insufficient_storage", "cache disk is full") from err
-                    raise
-            os.fsync(f.fileno())
+        for block in blocks:
+            received += len(block)
+            if received > self.max_model_bytes:
+                raise ApiError(413, "model_too_large", f"body exceeds the limit of {self.max_model_bytes} bytes")
+            hasher.update(block)
+            try:
+                f.write(block)
+            except OSError as err:
+                if err.errno == errno.ENOSPC:
+                    raise ApiError(507, "insufficient_storage", "cache disk is full") from err
+                raise
+        os.fsync(f.fileno())
         return hasher.hexdigest(), received
 
     @staticmethod
