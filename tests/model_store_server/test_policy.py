@@ -1,0 +1,178 @@
+"""The cache policies as pure decisions: one contract suite plus each policy's own rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from model_store_server.policy import CacheFull, TooLargeForCache, build_policy
+
+
+class FakeTimer:
+    """Time that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def timer():
+    return FakeTimer()
+
+
+ALL = ["lru", "no-evict", "ttl", "lru-ttl"]
+
+
+def make(policy, timer, max_count=2, max_bytes=None, ttl=5.0):
+    return build_policy(policy, max_count, max_bytes, ttl, timer=timer)
+
+
+# --- the contract every policy keeps ---------------------------------------------------------
+
+@pytest.mark.parametrize("name", ALL)
+def test_admit_then_contains(name, timer):
+    p = make(name, timer)
+    assert p.admit("a.gguf", 10).evicted == ()
+    assert "a.gguf" in p and p.entries() == ["a.gguf"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_readmitting_present_model_evicts_nothing(name, timer):
+    p = make(name, timer)
+    p.admit("a.gguf", 10)
+    assert p.admit("a.gguf", 10).evicted == ()
+    assert p.entries() == ["a.gguf"]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_discard_and_clear(name, timer):
+    p = make(name, timer)
+    p.admit("a.gguf", 10)
+    p.admit("b.gguf", 10)
+    assert p.discard("a.gguf") and not p.discard("a.gguf")
+    assert p.entries() == ["b.gguf"]
+    p.clear()
+    assert p.entries() == []
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_touch_reports_presence(name, timer):
+    p = make(name, timer)
+    assert p.touch("a.gguf") is False
+    p.admit("a.gguf", 1)
+    assert p.touch("a.gguf") is True
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_byte_bound_refuses_model_larger_than_cache(name, timer):
+    p = make(name, timer, max_bytes=100)
+    with pytest.raises(TooLargeForCache):
+        p.admit("big.gguf", 101)
+    assert p.entries() == []
+
+
+# --- lru ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["lru", "lru-ttl"])
+def test_lru_evicts_least_recently_used(name, timer):
+    p = make(name, timer)
+    p.admit("a.gguf", 1)
+    p.admit("b.gguf", 1)
+    p.touch("a.gguf")  # b is now least recently used
+    assert p.admit("c.gguf", 1).evicted == ("b.gguf",)
+    assert sorted(p.entries()) == ["a.gguf", "c.gguf"]
+
+
+def test_lru_byte_bound_evicts_until_it_fits(timer):
+    p = make("lru", timer, max_count=10, max_bytes=100)
+    p.admit("a.gguf", 40)
+    p.admit("b.gguf", 40)
+    p.admit("c.gguf", 20)
+    assert p.admit("d.gguf", 70).evicted == ("a.gguf", "b.gguf")
+    assert p.total_bytes() == 90
+
+
+# --- no-evict -------------------------------------------------------------------------------
+
+def test_no_evict_refuses_when_full_and_changes_nothing(timer):
+    p = make("no-evict", timer)
+    p.admit("a.gguf", 1)
+    p.admit("b.gguf", 1)
+    with pytest.raises(CacheFull):
+        p.admit("c.gguf", 1)
+    assert p.entries() == ["a.gguf", "b.gguf"]
+
+
+def test_no_evict_byte_bound_refuses(timer):
+    p = make("no-evict", timer, max_count=10, max_bytes=100)
+    p.admit("a.gguf", 60)
+    with pytest.raises(CacheFull):
+        p.admit("b.gguf", 50)
+    assert p.entries() == ["a.gguf"]
+
+
+# --- ttl ------------------------------------------------------------------------------------
+
+def test_ttl_has_no_capacity_bound(timer):
+    p = make("ttl", timer, max_count=2)
+    for i in range(5):
+        assert p.admit(f"m{i}.gguf", 1).evicted == ()
+    assert len(p.entries()) == 5
+
+
+def test_ttl_sweeps_expired_on_next_admission(timer):
+    p = make("ttl", timer, ttl=5)
+    p.admit("a.gguf", 1)
+    timer.tick(3)
+    p.admit("b.gguf", 1)
+    timer.tick(3)  # a is 6 s untouched, b 3 s
+    assert "a.gguf" not in p
+    assert p.admit("c.gguf", 1).evicted == ("a.gguf",)
+    assert sorted(p.entries()) == ["b.gguf", "c.gguf"]
+
+
+def test_ttl_touch_restarts_the_clock(timer):
+    p = make("ttl", timer, ttl=5)
+    p.admit("a.gguf", 1)
+    timer.tick(4)
+    assert p.touch("a.gguf")
+    timer.tick(4)
+    assert p.admit("b.gguf", 1).evicted == ()
+    assert "a.gguf" in p
+
+
+def test_ttl_expire_reports_names(timer):
+    p = make("ttl", timer, ttl=1)
+    p.admit("a.gguf", 1)
+    timer.tick(2)
+    assert p.expire() == ["a.gguf"]
+    assert p.expire() == []
+
+
+def test_untimed_policies_never_expire(timer):
+    p = make("lru", timer)
+    p.admit("a.gguf", 1)
+    timer.tick(10_000)
+    assert p.expire() == [] and "a.gguf" in p
+
+
+# --- lru-ttl --------------------------------------------------------------------------------
+
+def test_lru_ttl_capacity_then_time(timer):
+    p = make("lru-ttl", timer, ttl=5)
+    p.admit("a.gguf", 1)
+    p.admit("b.gguf", 1)
+    assert p.admit("c.gguf", 1).evicted == ("a.gguf",)  # capacity
+    timer.tick(6)
+    assert p.admit("a.gguf", 1).evicted == ("b.gguf", "c.gguf")  # time: both expired
+    assert p.entries() == ["a.gguf"]
+
+
+def test_unknown_policy_is_refused(timer):
+    with pytest.raises(ValueError):
+        build_policy("fifo", 2)

@@ -1,0 +1,233 @@
+"""The store with a real worker: policies on the worker's disk, reconciliation, concurrency, errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+import requests
+
+PROMPT = {"prompt": "hello", "max_tokens": 4}
+
+
+def ask(store, model, **extra):
+    """One /user_request; returns (status, action, evicted list, body)."""
+    r = requests.post(store.url + "/user_request", json={**PROMPT, "model": model, **extra}, timeout=60)
+    evicted = [e for e in r.headers.get("X-Cache-Evicted", "").split(",") if e]
+    return r.status_code, r.headers.get("X-Cache-Action"), evicted, r.content
+
+
+def disk(worker):
+    return sorted(p.name for p in worker.cache_dir.iterdir()) if worker.cache_dir.exists() else []
+
+
+def metric(service, name):
+    """Sum of a metric's samples whose line starts with `name`."""
+    text = requests.get(service.url + "/metrics", timeout=10).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+@pytest.fixture
+def models_dir(make_model, tmp_path):
+    d = tmp_path / "store-models"
+    for seed, name in enumerate(["a.gguf", "b.gguf", "c.gguf"], start=1):
+        make_model(d, name, seed=seed)
+    return d
+
+
+@pytest.fixture
+def worker(services):
+    return services.worker()
+
+
+def test_lru_sequence(services, worker, models_dir):
+    store = services.store(models_dir, worker, policy="lru", max_cache_size=2)
+    steps = [("a.gguf", "load_from_store", []), ("a.gguf", "already_loaded", []),
+             ("b.gguf", "load_from_store", []), ("a.gguf", "load_from_local_store", []),
+             ("c.gguf", "load_from_store", ["b.gguf"]), ("b.gguf", "load_from_store", ["a.gguf"])]
+    for model, action, evicted in steps:
+        status, got_action, got_evicted, body = ask(store, model)
+        assert (status, got_action, got_evicted) == (200, action, evicted), model
+        assert body
+    assert disk(worker) == ["b.gguf", "c.gguf"]
+    listing = requests.get(store.url + "/models").json()
+    assert sorted(listing["policy"]["cached"]) == ["b.gguf", "c.gguf"]
+    assert listing["worker"]["loaded"] == "b.gguf"
+
+
+def test_no_evict_rejects_without_transfer(services, worker, models_dir):
+    store = services.store(models_dir, worker, policy="no-evict", max_cache_size=2)
+    assert ask(store, "a.gguf")[1] == "load_from_store"
+    assert ask(store, "b.gguf")[1] == "load_from_store"
+    received = metric(worker, "worker_model_receives_total")
+    r = requests.post(store.url + "/user_request", json={**PROMPT, "model": "c.gguf"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "cache_full"
+    assert metric(worker, "worker_model_receives_total") == received
+    assert disk(worker) == ["a.gguf", "b.gguf"]
+    assert ask(store, "a.gguf")[1] == "load_from_local_store"
+
+
+def test_ttl_expiry_sweeps_on_next_admission(services, worker, models_dir):
+    store = services.store(models_dir, worker, policy="ttl", ttl_seconds=1.0)
+    assert ask(store, "a.gguf")[1] == "load_from_store"
+    assert ask(store, "a.gguf")[1] == "already_loaded"
+    time.sleep(1.3)
+    status, action, evicted, _ = ask(store, "b.gguf")
+    assert (status, action, evicted) == (200, "load_from_store", ["a.gguf"])
+    assert disk(worker) == ["b.gguf"]
+
+
+def test_lru_ttl_capacity_then_time(services, worker, models_dir):
+    store = services.store(models_dir, worker, policy="lru-ttl", max_cache_size=2, ttl_seconds=1.5)
+    ask(store, "a.gguf")
+    ask(store, "b.gguf")
+    assert ask(store, "c.gguf")[1:3] == ("load_from_store", ["a.gguf"])
+    time.sleep(1.8)
+    assert ask(store, "a.gguf")[1:3] == ("load_from_store", ["b.gguf", "c.gguf"])
+    assert disk(worker) == ["a.gguf"]
+
+
+def test_byte_bound(services, worker, models_dir):
+    size = (models_dir / "a.gguf").stat().st_size
+    store = services.store(models_dir, worker, policy="lru", max_cache_size=10,
+                           extra=["--max-cache-bytes", str(2 * size)])
+    ask(store, "a.gguf")
+    ask(store, "b.gguf")
+    assert ask(store, "c.gguf")[2] == ["a.gguf"]
+    assert disk(worker) == ["b.gguf", "c.gguf"]
+
+
+def test_reconcile_after_store_restart(services, worker, models_dir, make_model, tmp_path):
+    store = services.store(models_dir, worker, policy="lru", max_cache_size=2)
+    ask(store, "a.gguf")
+    ask(store, "b.gguf")
+    store.stop()
+    # A stray file the store does not know, and one whose bytes differ from the store's copy.
+    make_model(worker.cache_dir, "stray.gguf", seed=9)
+    (models_dir / "b.gguf").unlink()
+    make_model(models_dir, "b.gguf", seed=7)
+    store = services.store(models_dir, worker, policy="lru", max_cache_size=2)
+    assert disk(worker) == ["a.gguf"]
+    listing = requests.get(store.url + "/models").json()
+    assert listing["policy"]["cached"] == ["a.gguf"]
+    assert ask(store, "a.gguf")[1] in ("already_loaded", "load_from_local_store")
+    assert ask(store, "b.gguf")[1] == "load_from_store"
+
+
+def test_reset_empties_worker_and_policy(services, worker, models_dir):
+    store = services.store(models_dir, worker)
+    ask(store, "a.gguf")
+    ask(store, "b.gguf")
+    r = requests.post(store.url + "/admin/reset")
+    assert r.status_code == 200 and sorted(r.json()["deleted"]) == ["a.gguf", "b.gguf"]
+    assert disk(worker) == []
+    assert requests.get(worker.url + "/models").json()["loaded"] is None
+    assert ask(store, "a.gguf")[1] == "load_from_store"
+
+
+def test_prefetch_caches_without_loading(services, worker, models_dir):
+    store = services.store(models_dir, worker)
+    r = requests.post(store.url + "/admin/prefetch", json={"model": "a.gguf"})
+    assert r.status_code == 200 and r.json()["action"] == "cached"
+    assert disk(worker) == ["a.gguf"]
+    assert requests.get(worker.url + "/models").json()["loaded"] is None
+    assert requests.post(store.url + "/admin/prefetch", json={"model": "a.gguf"}).json()["action"] == \
+        "already_cached"
+    assert ask(store, "a.gguf")[1] == "load_from_local_store"
+
+
+@pytest.mark.parametrize("body,status,code", [
+    ({"prompt": "hi"}, 400, "invalid_model_name"),
+    ({"prompt": "hi", "model": "../../etc/passwd"}, 400, "invalid_model_name"),
+    ({"prompt": "hi", "model": "a.gguf/x"}, 400, "invalid_model_name"),
+    ({"prompt": "", "model": "a.gguf"}, 400, "invalid_request"),
+    ({"prompt": "hi", "model": "a.gguf", "max_tokens": -3}, 400, "invalid_request"),
+    ({"prompt": "hi", "model": "missing.gguf"}, 404, "model_not_found"),
+    ([1, 2], 400, "invalid_json"),
+])
+def test_bad_requests(services, worker, models_dir, body, status, code):
+    store = services.store(models_dir, worker)
+    r = requests.post(store.url + "/user_request", json=body)
+    assert r.status_code == status and r.json()["error"]["code"] == code
+    assert disk(worker) == []
+
+
+def test_prefetch_bad_name(services, worker, models_dir):
+    store = services.store(models_dir, worker)
+    r = requests.post(store.url + "/admin/prefetch", json={"model": "..gguf"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_model_name"
+
+
+def test_worker_down_then_back(services, worker, models_dir):
+    store = services.store(models_dir, worker)
+    assert ask(store, "a.gguf")[1] == "load_from_store"
+    worker.stop()
+    r = requests.post(store.url + "/user_request", json={**PROMPT, "model": "b.gguf"})
+    assert r.status_code == 502 and r.json()["error"]["code"] == "worker_unavailable"
+    assert requests.get(store.url + "/health").json()["worker"] == "unreachable"
+    worker.start()  # same port and cache directory: a restarted worker has a.gguf on disk, nothing loaded
+    status, action, _, body = ask(store, "a.gguf")
+    assert (status, action) == (200, "load_from_local_store") and body
+    assert ask(store, "b.gguf")[1] == "load_from_store"
+    assert disk(worker) == ["a.gguf", "b.gguf"]
+
+
+def test_worker_restart_unnoticed_is_retried(services, worker, models_dir):
+    store = services.store(models_dir, worker)
+    assert ask(store, "a.gguf")[1] == "load_from_store"
+    worker.stop()
+    worker.start()  # the store did not see it go: it still believes a.gguf is loaded
+    status, action, _, body = ask(store, "a.gguf")
+    assert status == 200 and body
+    assert action == "load_from_local_store"
+
+
+def test_concurrent_same_model_transfers_once(services, worker, models_dir):
+    store = services.store(models_dir, worker)
+    results = []
+    lock = threading.Lock()
+
+    def one():
+        out = ask(store, "a.gguf")
+        with lock:
+            results.append(out)
+
+    threads = [threading.Thread(target=one) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    actions = Counter(action for _, action, _, _ in results)
+    assert all(status == 200 and body for status, _, _, body in results)
+    assert actions == {"load_from_store": 1, "already_loaded": 15}
+    assert metric(worker, 'worker_model_receives_total{result="ok"}') == 1
+
+
+def test_concurrent_mixed_models_keep_the_invariant(services, worker, models_dir):
+    store = services.store(models_dir, worker, policy="lru", max_cache_size=2)
+    results = []
+    lock = threading.Lock()
+    names = ["a.gguf", "b.gguf", "c.gguf"]
+
+    def run(i):
+        for j in range(4):
+            out = ask(store, names[(i + j) % 3])
+            with lock:
+                results.append(out)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(results) == 64
+    assert all(status == 200 and body for status, _, _, body in results), Counter(r[0] for r in results)
+    admissions = sum(1 for _, action, _, _ in results if action == "load_from_store")
+    assert admissions >= 3
+    # Exactly one transfer per admission: never two for one miss.
+    assert metric(worker, 'worker_model_receives_total{result="ok"}') == admissions
+    listing = requests.get(store.url + "/models").json()
+    assert sorted(listing["policy"]["cached"]) == disk(worker)
+    assert len(disk(worker)) <= 2
