@@ -7,7 +7,7 @@ import re
 from model_swap.errors import ApiError
 
 MAX_NAME_LENGTH = 200
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*\.gguf$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*\.gguf")
 
 
 def check_model_name(name: object) -> str:
@@ -18,7 +18,7 @@ def check_model_name(name: object) -> str:
         raise ApiError(400, "invalid_model_name", f"model name longer than {MAX_NAME_LENGTH} characters")
     # The regex forbids separators, a leading dot and anything but a .gguf suffix;
     # '..' inside a name is refused too so no name ever looks like a path step.
-    if not _NAME_RE.match(name) or ".." in name:
+    if not _NAME_RE.fullmatch(name) or ".." in name:
         raise ApiError(
             400,
             "invalid_model_name",

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Sourced by serve.sh and test.sh: make .venv, install the project, fetch the real models.
+# Idempotent: a second run reuses the venv, pip's wheel cache and the verified model files.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$REPO/.venv}"
+PYTHON_BIN="${PYTHON:-python3}"
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+ensure_venv() {
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    log "creating virtual environment in $VENV"
+    "$PYTHON_BIN" -m venv "$VENV"
+  fi
+}
+
+# install_project EXTRAS: pip install -e ".[EXTRAS]"; skipped when nothing changed since last time.
+install_project() {
+  local extras="$1" stamp="$VENV/.model-swap-installed-$1"
+  if [[ -f "$stamp" && "$stamp" -nt "$REPO/pyproject.toml" ]] && "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
+    log "project already installed ($extras)"
+    return
+  fi
+  if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
+    log "installing; the first time this compiles llama-cpp-python from source (about 7 minutes on 2 cores)"
+  fi
+  # Parallel compile of llama.cpp: the build dominates the first run.
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$VENV/bin/python" -m pip install --disable-pip-version-check -q \
+    --upgrade pip >/dev/null
+  CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$VENV/bin/python" -m pip install --disable-pip-version-check \
+    --progress-bar off -e "$REPO[$extras]"
+  touch "$stamp"
+}
+
+fetch_models() {
+  log "fetching the real models into ${MODELS_DIR:-$REPO/models} (verified by size and sha256)"
+  "$VENV/bin/python" -m model_store_server.fetch_models --dest "${MODELS_DIR:-$REPO/models}"
+}

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Set everything up, start the worker (:8080) and the store (:8000) with the real models,
+# answer one request to prove it works, then keep serving until Ctrl-C.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
+
+ensure_venv
+install_project dev
+fetch_models
+cd "$REPO"
+
+WORKER_PORT="${WORKER_PORT:-8080}"
+STORE_PORT="${STORE_PORT:-8000}"
+export MODELS_DIR="${MODELS_DIR:-$REPO/models}"
+export MODEL_CACHE_DIR="${MODEL_CACHE_DIR:-$REPO/model_cache}"
+export WORKER_URL="${WORKER_URL:-http://127.0.0.1:$WORKER_PORT}"
+mkdir -p "$REPO/run"
+
+"$VENV/bin/inference-worker" --port "$WORKER_PORT" >"$REPO/run/worker.log" 2>&1 &
+WORKER_PID=$!
+trap 'kill $WORKER_PID ${STORE_PID:-} 2>/dev/null; wait 2>/dev/null; log "stopped"' EXIT INT TERM
+
+wait_healthy() {  # URL NAME PID LOG
+  for _ in $(seq 1 300); do
+    curl -fsS "$1/health" >/dev/null 2>&1 && return 0
+    kill -0 "$3" 2>/dev/null || { log "$2 exited; its log:"; tail -n 30 "$4" >&2; exit 1; }
+    sleep 0.1
+  done
+  log "$2 did not become healthy; see $4"; exit 1
+}
+wait_healthy "http://127.0.0.1:$WORKER_PORT" worker "$WORKER_PID" "$REPO/run/worker.log"
+"$VENV/bin/model-store-server" --port "$STORE_PORT" >"$REPO/run/store.log" 2>&1 &
+STORE_PID=$!
+wait_healthy "http://127.0.0.1:$STORE_PORT" store "$STORE_PID" "$REPO/run/store.log"
+
+log "worker on :$WORKER_PORT, store on :$STORE_PORT (logs in run/); models:"
+curl -fsS "http://127.0.0.1:$STORE_PORT/models" | "$VENV/bin/python" -c \
+  'import json,sys; [print("   ", m["name"], m["size"], "bytes") for m in json.load(sys.stdin)["models"]]' >&2
+log "first request (SmolLM2):"
+curl -sN -D "$REPO/run/first-request.headers" "http://127.0.0.1:$STORE_PORT/user_request" \
+  -H 'Content-Type: application/json' \
+  -d '{"prompt": "The three primary colours are", "model": "SmolLM2-135M-Instruct.Q4_1.gguf", "max_tokens": 40}'
+echo
+log "$(grep -i '^x-cache-action' "$REPO/run/first-request.headers" | tr -d '\r')"
+cat >&2 <<MSG
+
+Ready. Send your own request:
+  curl -N http://127.0.0.1:$STORE_PORT/user_request -H 'Content-Type: application/json' \\
+    -d '{"prompt": "Once upon a time", "model": "gemma-3-270m-q4_k_m.gguf", "max_tokens": 64}'
+Ctrl-C stops both services.
+MSG
+wait "$STORE_PID"
