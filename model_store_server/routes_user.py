@@ -30,8 +30,6 @@ def _stream(swapper: Swapper, lease: Lease, chunks: Iterator[bytes]) -> Iterator
     """Pass text through; the model stays leased until the stream ends or the client leaves."""
     try:
         yield from chunks
-    except ApiError:
-        raise
     except Exception:
         swapper.mark_stale()
         log.exception("[/user_request] worker stream broke off")

@@ -231,3 +231,14 @@ def test_concurrent_mixed_models_keep_the_invariant(services, worker, models_dir
     listing = requests.get(store.url + "/models").json()
     assert sorted(listing["policy"]["cached"]) == disk(worker)
     assert len(disk(worker)) <= 2
+
+
+def test_store_sends_worker_token(services, models_dir, tmp_path):
+    worker = services.worker(token="t0ken")
+    store = services.store(models_dir, worker, token="t0ken")
+    status, action, _, body = ask(store, "a.gguf")
+    assert (status, action) == (200, "load_from_store") and body
+    wrong = services.store(models_dir, worker, token="wrong")
+    r = requests.post(wrong.url + "/user_request", json={**PROMPT, "model": "b.gguf"})
+    assert r.status_code == 502 and r.json()["error"]["code"] == "unauthorized"
+    assert disk(worker) == ["a.gguf"]
