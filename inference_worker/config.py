@@ -8,12 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from model_swap.config import ConfigError, parse_number, parse_optional_number
+
 GIB = 1 << 30
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
-
-
-class ConfigError(ValueError):
-    """A setting is invalid; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -53,13 +51,6 @@ class WorkerConfig:
             )
 
 
-def _int(value: str, name: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-
-
 def load_worker_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> WorkerConfig:
     """Build the config: CLI flags win over environment variables, which win over defaults."""
     env = os.environ if env is None else env
@@ -84,14 +75,14 @@ def load_worker_config(argv: Sequence[str] | None = None, env: Mapping[str, str]
     return WorkerConfig(
         cache_dir=Path(args.cache_dir),
         host=args.host,
-        port=_int(args.port, "port"),
+        port=parse_number(args.port, "port"),
         token=args.token,
         allow_insecure=args.insecure_no_token,
-        n_gpu_layers=_int(args.n_gpu_layers, "N_GPU_LAYERS"),
-        n_ctx=_int(args.n_ctx, "N_CTX"),
-        max_model_bytes=_int(args.max_model_bytes, "MAX_MODEL_BYTES"),
-        reserve_disk_bytes=_int(args.reserve_disk_bytes, "RESERVE_DISK_BYTES"),
-        rdma_port=_int(args.rdma_port, "WORKER_RDMA_PORT") if args.rdma_port else None,
-        threads=_int(args.threads, "threads"),
+        n_gpu_layers=parse_number(args.n_gpu_layers, "N_GPU_LAYERS"),
+        n_ctx=parse_number(args.n_ctx, "N_CTX"),
+        max_model_bytes=parse_number(args.max_model_bytes, "MAX_MODEL_BYTES"),
+        reserve_disk_bytes=parse_number(args.reserve_disk_bytes, "RESERVE_DISK_BYTES"),
+        rdma_port=parse_optional_number(args.rdma_port, "WORKER_RDMA_PORT"),
+        threads=parse_number(args.threads, "threads"),
         log_level=args.log_level,
     )

@@ -8,12 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from model_swap.config import ConfigError, parse_number, parse_optional_number
+
 POLICIES = ("lru", "no-evict", "ttl", "lru-ttl")
 TRANSPORTS = ("http", "rdma")
-
-
-class ConfigError(ValueError):
-    """A setting is invalid; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -58,15 +56,6 @@ class StoreConfig:
             raise ConfigError("threads must be at least 1")
 
 
-def _number(value: str | None, name: str, kind=int):
-    if value is None or value == "":
-        return None
-    try:
-        return kind(value)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {value!r}") from None
-
-
 def load_store_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> StoreConfig:
     """Build the config: CLI flags win over environment variables, which win over defaults."""
     env = os.environ if env is None else env
@@ -91,17 +80,17 @@ def load_store_config(argv: Sequence[str] | None = None, env: Mapping[str, str] 
     return StoreConfig(
         models_dir=Path(a.models_dir),
         worker_url=a.worker_url.rstrip("/"),
-        max_cache_size=_number(a.max_cache_size, "MAX_CACHE_SIZE"),
-        max_cache_bytes=_number(a.max_cache_bytes, "MAX_CACHE_BYTES"),
-        ttl_seconds=_number(a.ttl_seconds, "TTL_SECONDS", float),
+        max_cache_size=parse_number(a.max_cache_size, "MAX_CACHE_SIZE"),
+        max_cache_bytes=parse_optional_number(a.max_cache_bytes, "MAX_CACHE_BYTES"),
+        ttl_seconds=parse_optional_number(a.ttl_seconds, "TTL_SECONDS", float),
         cache_policy=a.cache_policy,
         transport=a.transport,
         allow_fallback=a.allow_fallback == "1",
         worker_rdma_host=a.worker_rdma_host,
-        worker_rdma_port=_number(a.worker_rdma_port, "WORKER_RDMA_PORT"),
+        worker_rdma_port=parse_number(a.worker_rdma_port, "WORKER_RDMA_PORT"),
         worker_token=a.worker_token,
         host=a.host,
-        port=_number(a.port, "port"),
-        threads=_number(a.threads, "threads"),
+        port=parse_number(a.port, "port"),
+        threads=parse_number(a.threads, "threads"),
         log_level=a.log_level,
     )

