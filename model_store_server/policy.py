@@ -2,6 +2,8 @@
 
 Built on cachetools: lru is an LRUCache, ttl and lru-ttl are TTLCaches (which already
 evict least-recently-used first when full), no-evict is a Cache whose popitem refuses.
+Expired entries leave the live set at once but stay listed (their files are still on the
+worker) until the next admission reports them as evicted.
 Not thread-safe: the owner holds a lock around every call.
 """
 
@@ -30,6 +32,20 @@ class _NoEvictCache(cachetools.Cache):
         raise CacheFull("cache is full and the no-evict policy refuses new models")
 
 
+class _SweepingTTLCache(cachetools.TTLCache):
+    """A TTLCache that remembers every key it expires, including the sweeps cachetools
+    runs on its own inside __setitem__ and friends, so none leaves a file behind unreported."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.swept: list[str] = []
+
+    def expire(self, time=None):
+        expired = super().expire(time)
+        self.swept.extend(key for key, _ in expired)
+        return expired
+
+
 @dataclass(frozen=True)
 class Admission:
     """The decision for one admission: what to evict first (in order)."""
@@ -46,15 +62,24 @@ class CachePolicy:
         self._cache = cache
         self._max_count = max_count
         self._max_bytes = max_bytes
-        self._timed = isinstance(cache, cachetools.TTLCache)
+        self._timed = isinstance(cache, _SweepingTTLCache)
+        # Expired entries whose files are still on the worker: evicted at the next admission.
+        self._pending: list[str] = []
+
+    def _collect_swept(self) -> None:
+        if self._timed and self._cache.swept:
+            self._pending.extend(k for k in self._cache.swept if k not in self._pending)
+            self._cache.swept.clear()
 
     def __contains__(self, name: str) -> bool:
         """Whether `name` is admitted and, for timed policies, not expired."""
         return name in self._cache
 
     def entries(self) -> list[str]:
-        """Admitted names, next victim first."""
-        return list(self._cache.keys())
+        """Names whose files the worker holds: expired ones awaiting the sweep, then live ones, next victim first."""
+        live = list(self._cache.keys())
+        self._collect_swept()
+        return [k for k in self._pending if k not in live] + live
 
     def total_bytes(self) -> int:
         return sum(self._cache.values())
@@ -65,6 +90,7 @@ class CachePolicy:
             return False
         # Re-setting moves the entry to most-recent and, for ttl, restarts its clock.
         self._cache[name] = self._cache[name]
+        self._collect_swept()
         return True
 
     def admit(self, name: str, size: int) -> Admission:
@@ -76,8 +102,10 @@ class CachePolicy:
             return Admission(name, ())
         if self._timed:
             with self._cache.timer:  # freeze time: nothing may expire between our sweep and insert
-                evicted = [key for key, _ in self._cache.expire()]
-                return Admission(name, tuple(evicted) + self._make_room_and_insert(name, size))
+                self._cache.expire()
+                self._collect_swept()
+                expired, self._pending = tuple(self._pending), []
+                return Admission(name, expired + self._make_room_and_insert(name, size))
         return Admission(name, self._make_room_and_insert(name, size))
 
     def _make_room_and_insert(self, name: str, size: int) -> tuple[str, ...]:
@@ -97,16 +125,17 @@ class CachePolicy:
 
     def discard(self, name: str) -> bool:
         """Forget `name` (its transfer failed, or it vanished from the worker)."""
-        return self._cache.pop(name, None) is not None
-
-    def expire(self) -> list[str]:
-        """Sweep expired entries now; return their names (empty for untimed policies)."""
-        if not self._timed:
-            return []
-        return [key for key, _ in self._cache.expire()]
+        self._collect_swept()
+        was_pending = name in self._pending
+        if was_pending:
+            self._pending.remove(name)
+        return self._cache.pop(name, None) is not None or was_pending
 
     def clear(self) -> None:
         self._cache.clear()
+        self._pending.clear()
+        if self._timed:
+            self._cache.swept.clear()
 
 
 def build_policy(policy: str, max_count: int, max_bytes: int | None = None, ttl_seconds: float | None = None,
@@ -119,10 +148,10 @@ def build_policy(policy: str, max_count: int, max_bytes: int | None = None, ttl_
         cache = _NoEvictCache(maxsize=math.inf)
         bound = max_count
     elif policy == "ttl":
-        cache = cachetools.TTLCache(maxsize=math.inf, ttl=ttl_seconds, timer=timer)
+        cache = _SweepingTTLCache(maxsize=math.inf, ttl=ttl_seconds, timer=timer)
         bound = math.inf
     elif policy == "lru-ttl":
-        cache = cachetools.TTLCache(maxsize=math.inf, ttl=ttl_seconds, timer=timer)
+        cache = _SweepingTTLCache(maxsize=math.inf, ttl=ttl_seconds, timer=timer)
         bound = max_count
     else:
         raise ValueError(f"unknown cache policy {policy!r}")

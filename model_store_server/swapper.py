@@ -84,7 +84,13 @@ class Swapper:
             outcome = Outcome("already_loaded", decision_ms=(time.perf_counter() - started) * 1000)
         outcome.cached = self.cached()
         self.metrics.requests.labels(outcome.action).inc()
-        return Lease(outcome, self.scheduler.release_shared)
+        return Lease(outcome, lambda: self._end_use(name))
+
+    def _end_use(self, name: str) -> None:
+        """A request's stream ended: its model was used until now (ttl counts from here)."""
+        with self._policy_lock:
+            self.policy.touch(name)
+        self.scheduler.release_shared()
 
     def mark_stale(self) -> None:
         """The worker may have changed behind our back (restart, lost connection)."""
@@ -136,8 +142,14 @@ class Swapper:
                 raise ApiError(413, "model_too_large", str(err)) from None
         decision_ms = (time.perf_counter() - started) * 1000
         worker_started = time.perf_counter()
+        # An expired entry comes back as its own victim: its file is still on the worker, so
+        # keep it and use it rather than deleting and sending the same bytes again.
+        victims = tuple(v for v in admission.evicted if v != name)
         try:
-            self._evict(admission.evicted)
+            self._evict(victims)
+            reused = self._reuse_expired_copy(name, load) if name in admission.evicted else None
+            if reused:
+                return Outcome(reused, victims, decision_ms, (time.perf_counter() - worker_started) * 1000)
             sent = self.transport.send(model)
         except BaseException:
             with self._policy_lock:
@@ -155,8 +167,22 @@ class Swapper:
                 if err.code == "load_failed":  # a file the worker cannot load is no use cached
                     self._forget_on_worker(name)
                 raise
-        return Outcome("load_from_store" if load else "cached", admission.evicted, decision_ms,
+        return Outcome("load_from_store" if load else "cached", victims, decision_ms,
                        (time.perf_counter() - worker_started) * 1000, sent.transport)
+
+    def _reuse_expired_copy(self, name: str, load: bool) -> str | None:
+        """Use the worker's copy of an expired model; return the action, or None if the worker lost it."""
+        if not load:
+            return "already_cached"
+        if self._loaded == name:
+            return "already_loaded"
+        try:
+            self._load(name)
+        except ApiError as err:
+            if err.code != "model_not_cached":
+                raise
+            return None
+        return "load_from_local_store"
 
     def _load(self, name: str) -> None:
         started = time.perf_counter()

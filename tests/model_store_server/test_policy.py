@@ -146,19 +146,42 @@ def test_ttl_touch_restarts_the_clock(timer):
     assert "a.gguf" in p
 
 
-def test_ttl_expire_reports_names(timer):
+def test_ttl_expired_entries_stay_listed_until_the_next_admission(timer):
+    p = make("ttl", timer, ttl=5)
+    p.admit("a.gguf", 1)
+    timer.tick(3)
+    p.admit("b.gguf", 1)
+    timer.tick(3)  # a expired; b not
+    assert "a.gguf" not in p
+    # A hit on b makes cachetools sweep a on its own; a's file is still on the worker.
+    assert p.touch("b.gguf")
+    assert p.entries() == ["a.gguf", "b.gguf"]
+    assert p.admit("c.gguf", 1).evicted == ("a.gguf",)
+    assert p.entries() == ["b.gguf", "c.gguf"]
+
+
+def test_ttl_readmitting_an_expired_model_lists_it_as_evicted(timer):
+    p = make("ttl", timer, ttl=5)
+    p.admit("a.gguf", 1)
+    timer.tick(6)
+    assert p.admit("a.gguf", 1).evicted == ("a.gguf",)  # the store keeps its file and loads it again
+    assert p.entries() == ["a.gguf"]
+
+
+def test_discard_forgets_a_pending_expired_entry(timer):
     p = make("ttl", timer, ttl=1)
     p.admit("a.gguf", 1)
     timer.tick(2)
-    assert p.expire() == ["a.gguf"]
-    assert p.expire() == []
+    assert p.entries() == ["a.gguf"]
+    assert p.discard("a.gguf")
+    assert p.entries() == []
 
 
 def test_untimed_policies_never_expire(timer):
     p = make("lru", timer)
     p.admit("a.gguf", 1)
     timer.tick(10_000)
-    assert p.expire() == [] and "a.gguf" in p
+    assert p.admit("b.gguf", 1).evicted == () and "a.gguf" in p
 
 
 # --- lru-ttl --------------------------------------------------------------------------------

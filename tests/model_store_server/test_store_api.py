@@ -79,6 +79,32 @@ def test_ttl_expiry_sweeps_on_next_admission(services, worker, models_dir):
     assert disk(worker) == ["b.gguf"]
 
 
+def test_ttl_hit_does_not_leave_an_expired_model_on_the_worker(services, worker, models_dir):
+    store = services.store(models_dir, worker, policy="ttl", ttl_seconds=1.5)
+    assert ask(store, "a.gguf")[1] == "load_from_store"
+    time.sleep(1.0)
+    assert ask(store, "b.gguf")[1] == "load_from_store"
+    time.sleep(1.0)  # a expired (2 s untouched), b has not (1 s)
+    assert ask(store, "b.gguf")[1] == "already_loaded"  # this hit makes cachetools sweep a on its own
+    listing = requests.get(store.url + "/models").json()
+    assert sorted(listing["policy"]["cached"]) == disk(worker) == ["a.gguf", "b.gguf"]
+    status, action, evicted, _ = ask(store, "c.gguf")
+    assert (status, action, evicted) == (200, "load_from_store", ["a.gguf"])
+    assert disk(worker) == ["b.gguf", "c.gguf"]
+
+
+def test_ttl_expired_model_still_on_disk_is_reused(services, worker, models_dir):
+    store = services.store(models_dir, worker, policy="ttl", ttl_seconds=1.0)
+    ask(store, "a.gguf")
+    ask(store, "b.gguf")
+    received = metric(worker, 'worker_model_receives_total{result="ok"}')
+    time.sleep(1.3)  # both expired; a's file is still on the worker
+    status, action, evicted, body = ask(store, "a.gguf")
+    assert (status, action, evicted) == (200, "load_from_local_store", ["b.gguf"]) and body
+    assert metric(worker, 'worker_model_receives_total{result="ok"}') == received
+    assert disk(worker) == ["a.gguf"]
+
+
 def test_lru_ttl_capacity_then_time(services, worker, models_dir):
     store = services.store(models_dir, worker, policy="lru-ttl", max_cache_size=2, ttl_seconds=1.5)
     ask(store, "a.gguf")
