@@ -18,7 +18,6 @@ import logging
 import os
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,14 +31,9 @@ sys.path.insert(0, str(REPO))
 
 from model_store_server.worker_client import WorkerClient  # noqa: E402
 from model_swap.digest import BLOCK_SIZE, sha256_file  # noqa: E402
+from model_swap.testing import ServiceProcess  # noqa: E402
 
 log = logging.getLogger("transfer_bench")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def floor_once(path: Path, out_dir: Path) -> float:
@@ -86,22 +80,6 @@ def naive_once(url: str, path: Path) -> float:
     return elapsed
 
 
-def start_worker(cache_dir: Path) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "inference_worker", "--cache-dir", str(cache_dir),
-                             "--port", str(port), "--log-level", "WARNING"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if requests.get(url + "/health", timeout=1).ok:
-                return proc, url
-        except requests.RequestException:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("worker did not start")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=REPO / "models" / "gemma-3-270m-q4_k_m.gguf")
@@ -114,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     size, sha = args.model.stat().st_size, sha256_file(args.model)
     with tempfile.TemporaryDirectory(dir=REPO) as tmp:
         tmp_dir = Path(tmp)
-        proc, url = start_worker(tmp_dir / "cache")
+        worker = ServiceProcess("inference_worker", ["--cache-dir", str(tmp_dir / "cache"), "--log-level",
+                                                     "WARNING"], tmp_dir / "worker.log").start()
+        url = worker.url
         try:
             client = WorkerClient(url, None, 300)
             runs = {"floor": [], "push": [], "naive": []}
@@ -123,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs["push"].append(push_once(client, args.model, size, sha))
                 runs["naive"].append(naive_once(url, args.model))
         finally:
-            proc.terminate()
-            proc.wait()
+            worker.stop()
     floor = statistics.median(runs["floor"])
     log.info("file: %s (%d bytes), %d runs each, medians", args.model.name, size, args.repeat)
     for name, times in runs.items():

@@ -56,6 +56,14 @@ class LoadResult:
     previous: str | None
 
 
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _open_llama(path: Path, n_ctx: int, n_gpu_layers: int):
     # Imported here so the package imports (and most tests run) quickly.
     from llama_cpp import Llama
@@ -76,6 +84,8 @@ class Engine:
         self._llm = None
         self._name: str | None = None
         self._path: Path | None = None
+        # Which file the loaded model came from: a model re-sent under the same name is loaded anew.
+        self._identity: tuple[int, int, int] | None = None
 
     @property
     def loaded(self) -> str | None:
@@ -86,7 +96,7 @@ class Engine:
         """Swap to `name`; on failure the previous model is loaded again and the error raised."""
         with self._turn:
             previous, previous_path = self._name, self._path
-            if previous == name:
+            if previous == name and self._identity == _file_identity(path):
                 return LoadResult(name, 0.0, previous)
             # Unload first: with more models than memory, two resident models may not fit.
             self._close_current()
@@ -99,7 +109,7 @@ class Engine:
                 raise ApiError(422, "load_failed",
                                f"llama.cpp could not load {name}: {err}"
                                + (f"; {previous} is loaded again" if restored else "")) from err
-            self._name, self._path = name, path
+            self._name, self._path, self._identity = name, path, _file_identity(path)
             load_ms = (time.perf_counter() - started) * 1000
             log.info("[engine] loaded %s in %.1fms (previous=%s)", name, load_ms, previous)
             return LoadResult(name, load_ms, previous)
@@ -112,7 +122,7 @@ class Engine:
         except Exception:
             log.exception("[engine] could not reload previous model %s", name)
             return False
-        self._name, self._path = name, path
+        self._name, self._path, self._identity = name, path, _file_identity(path)
         return True
 
     def unload(self, name: str | None = None) -> str | None:
@@ -132,7 +142,7 @@ class Engine:
         try:
             self._llm.close()
         finally:
-            self._llm, self._name, self._path = None, None, None
+            self._llm, self._name, self._path, self._identity = None, None, None, None
         log.info("[engine] unloaded %s in %.1fms", name, (time.perf_counter() - started) * 1000)
 
     def begin(self, model: str | None) -> "Generation":
@@ -146,7 +156,7 @@ class Engine:
         except ApiError:
             self._turn.release()
             raise
-        return Generation(self._llm, self._name, self._turn.release)
+        return Generation(self._llm, self._name, self.n_ctx, self._turn.release)
 
     def queue_depth(self) -> int:
         """Requests holding or waiting for the model."""
@@ -156,12 +166,19 @@ class Engine:
 class Generation:
     """One request's turn on the model; release() is idempotent and ends the turn."""
 
-    def __init__(self, llm, name: str, release: Callable[[], None]):
+    def __init__(self, llm, name: str, n_ctx: int, release: Callable[[], None]):
         self._llm = llm
         self.name = name
+        self._n_ctx = n_ctx
         self._release = release
         self._released = False
         self._lock = threading.Lock()
+
+    def check_prompt(self, prompt: str) -> None:
+        """Refuse a prompt that does not fit the context (llama.cpp would fail mid-response)."""
+        tokens = len(self._llm.tokenize(prompt.encode("utf-8"), add_bos=True))
+        if tokens >= self._n_ctx:
+            raise ApiError(400, "prompt_too_long", f"prompt is {tokens} tokens; the context holds {self._n_ctx}")
 
     def stream(self, prompt: str, max_tokens: int, temperature: float | None) -> Iterator[str]:
         """Yield text pieces as llama.cpp produces them."""

@@ -13,23 +13,15 @@ from inference_worker.engine import Generation
 from inference_worker.metrics import WorkerMetrics
 from model_swap.errors import ApiError
 from model_swap.names import check_model_name
-from model_swap.web import int_field, json_body
+from model_swap.web import generation_fields, json_body
 
 bp = Blueprint("infer", __name__)
 log = logging.getLogger(__name__)
-DEFAULT_MAX_TOKENS = 512
 
 
 def _parse() -> tuple[str, int, float | None, str | None]:
     body = json_body()
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise ApiError(400, "invalid_request", "prompt must be a non-empty string")
-    max_tokens = int_field(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, 1 << 20)
-    temperature = body.get("temperature")
-    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                                    or not 0 <= temperature <= 10):
-        raise ApiError(400, "invalid_request", "temperature must be a number from 0 to 10")
+    prompt, max_tokens, temperature = generation_fields(body)
     model = body.get("model")
     if model is not None:
         check_model_name(model)
@@ -69,6 +61,12 @@ def infer():
     try:
         gen = state.engine().begin(model)
     except ApiError:
+        metrics.requests.labels("rejected").inc()
+        raise
+    try:
+        gen.check_prompt(prompt)
+    except BaseException:
+        gen.release()
         metrics.requests.labels("rejected").inc()
         raise
     state.cache().touch(gen.name)

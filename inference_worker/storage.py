@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -24,6 +25,17 @@ log = logging.getLogger(__name__)
 PARTIAL_PREFIX = ".incoming-"
 
 
+@contextlib.contextmanager
+def _disk_full_as_507():
+    """A full disk, whenever the kernel says so (write, fsync, create), is 507."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ApiError(507, "insufficient_storage", "cache disk is full") from err
+        raise
+
+
 class _BackgroundWriter:
     """Writes blocks to a file on its own thread, a few blocks behind the producer."""
 
@@ -39,20 +51,23 @@ class _BackgroundWriter:
         while (block := self._queue.get()) is not self._DONE:
             if self._error is None:
                 try:
-                    self._f.write(block)
+                    view = memoryview(block)
+                    while view:  # a raw file may write less than asked
+                        view = view[self._f.write(view):]
                 except BaseException as err:  # handed to the producer thread
                     self._error = err
 
-    def put(self, block: bytes) -> None:
+    def put(self, block: bytes) -> bytes:
+        """Queue a block; it must not change afterwards, so anything but bytes is copied."""
         self._raise_if_failed()
+        block = block if isinstance(block, bytes) else bytes(block)
         self._queue.put(block)
+        return block
 
     def _raise_if_failed(self) -> None:
         err = self._error
         if err is None:
             return
-        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            raise ApiError(507, "insufficient_storage", "cache disk is full") from err
         raise err
 
     def __enter__(self) -> "_BackgroundWriter":
@@ -132,11 +147,15 @@ class ModelCache:
             raise ApiError(400, "invalid_request", "size must not be negative")
         self.check_room(size)
         started = time.perf_counter()
-        fd, tmp_name = tempfile.mkstemp(prefix=PARTIAL_PREFIX, dir=self.root)
+        with _disk_full_as_507():
+            fd, tmp_name = tempfile.mkstemp(prefix=PARTIAL_PREFIX, dir=self.root)
         tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb", buffering=0) as f:
+            with _disk_full_as_507(), os.fdopen(fd, "wb", buffering=0) as f:
                 digest, received = self._write_blocks(f, blocks)
+                on_disk = os.fstat(f.fileno()).st_size
+            if on_disk != received:
+                raise ApiError(500, "write_failed", f"{name}: wrote {on_disk} of {received} bytes")
             self._verify(tmp, name, received, size, digest, sha256)
             with self._lock:
                 os.replace(tmp, final)
@@ -161,7 +180,7 @@ class ModelCache:
                 received += len(block)
                 if received > self.max_model_bytes:
                     raise ApiError(413, "model_too_large", f"body exceeds the limit of {self.max_model_bytes} bytes")
-                writer.put(block)
+                block = writer.put(block)
                 hasher.update(block)
         os.fsync(f.fileno())
         return hasher.hexdigest(), received
@@ -189,9 +208,16 @@ class ModelCache:
         return self.path_for(name).is_file()
 
     def touch(self, name: str) -> None:
-        """Record that a model was just used."""
+        """Record that a model was just used, in memory and as the file's atime (survives a restart)."""
+        now = time.time()
         with self._lock:
-            self._last_used[name] = time.time()
+            self._last_used[name] = now
+        path = self.root / name
+        try:
+            # mtime is left alone: digests are memoised on it.
+            os.utime(path, ns=(int(now * 1e9), path.stat().st_mtime_ns))
+        except FileNotFoundError:
+            pass
 
     def list(self) -> list[CachedModel]:
         """Every cached model with size, digest and last use, oldest use first."""
@@ -204,7 +230,7 @@ class ModelCache:
             except (ApiError, FileNotFoundError):
                 continue
             with self._lock:
-                last_used = self._last_used.get(path.name, st.st_mtime)
+                last_used = self._last_used.get(path.name, max(st.st_atime, st.st_mtime))
             models.append(CachedModel(path.name, st.st_size, digest, last_used))
         return sorted(models, key=lambda m: m.last_used)
 

@@ -42,7 +42,8 @@ class Catalog:
         return StoredModel(name, path, size, self._digests.sha256(path))
 
     def has(self, name: str) -> bool:
-        return (self.root / name).is_file()
+        """Whether a checked model name is a file in the store."""
+        return (self.root / check_model_name(name)).is_file()
 
     def list(self) -> list[StoredModel]:
         """Every valid-named .gguf file in the store."""

@@ -9,6 +9,7 @@ Not thread-safe: the owner holds a lock around every call.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -38,11 +39,11 @@ class _SweepingTTLCache(cachetools.TTLCache):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.swept: list[str] = []
+        self.swept: dict[str, int] = {}
 
     def expire(self, time=None):
         expired = super().expire(time)
-        self.swept.extend(key for key, _ in expired)
+        self.swept.update(expired)
         return expired
 
 
@@ -63,13 +64,13 @@ class CachePolicy:
         self._max_count = max_count
         self._max_bytes = max_bytes
         self._timed = isinstance(cache, _SweepingTTLCache)
-        # Expired entries whose files are still on the worker: evicted at the next admission.
-        self._pending: list[str] = []
+        # Expired entries (name -> size) whose files are still on the worker: evicted at the
+        # next admission. For ttl caches this is the dict the cache itself records its sweeps in.
+        self._pending: dict[str, int] = cache.swept if self._timed else {}
 
-    def _collect_swept(self) -> None:
-        if self._timed and self._cache.swept:
-            self._pending.extend(k for k in self._cache.swept if k not in self._pending)
-            self._cache.swept.clear()
+    def _frozen_time(self):
+        """Hold the ttl clock still for a compound step, so nothing expires half-way through it."""
+        return self._cache.timer if self._timed else contextlib.nullcontext()
 
     def __contains__(self, name: str) -> bool:
         """Whether `name` is admitted and, for timed policies, not expired."""
@@ -77,36 +78,49 @@ class CachePolicy:
 
     def entries(self) -> list[str]:
         """Names whose files the worker holds: expired ones awaiting the sweep, then live ones, next victim first."""
-        live = list(self._cache.keys())
-        self._collect_swept()
-        return [k for k in self._pending if k not in live] + live
+        with self._frozen_time():
+            live = list(self._cache.keys())
+            return [k for k in self._pending if k not in live] + live
 
     def total_bytes(self) -> int:
         return sum(self._cache.values())
 
     def touch(self, name: str) -> bool:
         """Mark `name` used now (recency and ttl restart); return whether it is admitted."""
-        if name not in self._cache:
-            return False
-        # Re-setting moves the entry to most-recent and, for ttl, restarts its clock.
-        self._cache[name] = self._cache[name]
-        self._collect_swept()
-        return True
+        with self._frozen_time():
+            size = self._cache.get(name)
+            if size is None:
+                return False
+            # Re-setting moves the entry to most-recent and, for ttl, restarts its clock.
+            self._cache[name] = size
+            return True
+
+    def use(self, name: str) -> bool:
+        """Like touch, but an entry that expired while in use (its file still there) comes back to life."""
+        with self._frozen_time():
+            if self._timed:
+                self._cache.expire()  # an entry that just expired moves to pending, where we find it
+            if self.touch(name):
+                return True
+            size = self._pending.pop(name, None)
+            if size is None:
+                return False
+            # No admission can run while a model is in use, so its old place is still free.
+            self._cache[name] = size
+            return True
 
     def admit(self, name: str, size: int) -> Admission:
         """Admit `name`, deciding victims; raises CacheFull or TooLargeForCache and then changes nothing."""
         if self._max_bytes is not None and size > self._max_bytes:
             raise TooLargeForCache(f"{name} ({size} bytes) exceeds MAX_CACHE_BYTES={self._max_bytes}")
-        if name in self._cache:
-            self.touch(name)
-            return Admission(name, ())
-        if self._timed:
-            with self._cache.timer:  # freeze time: nothing may expire between our sweep and insert
+        with self._frozen_time():
+            if self.touch(name):
+                return Admission(name, ())
+            if self._timed:
                 self._cache.expire()
-                self._collect_swept()
-                expired, self._pending = tuple(self._pending), []
-                return Admission(name, expired + self._make_room_and_insert(name, size))
-        return Admission(name, self._make_room_and_insert(name, size))
+            expired = tuple(self._pending)
+            self._pending.clear()
+            return Admission(name, expired + self._make_room_and_insert(name, size))
 
     def _make_room_and_insert(self, name: str, size: int) -> tuple[str, ...]:
         victims: list[tuple[str, int]] = []
@@ -125,17 +139,13 @@ class CachePolicy:
 
     def discard(self, name: str) -> bool:
         """Forget `name` (its transfer failed, or it vanished from the worker)."""
-        self._collect_swept()
-        was_pending = name in self._pending
-        if was_pending:
-            self._pending.remove(name)
-        return self._cache.pop(name, None) is not None or was_pending
+        with self._frozen_time():
+            was_pending = self._pending.pop(name, None) is not None
+            return self._cache.pop(name, None) is not None or was_pending
 
     def clear(self) -> None:
         self._cache.clear()
         self._pending.clear()
-        if self._timed:
-            self._cache.swept.clear()
 
 
 def build_policy(policy: str, max_count: int, max_bytes: int | None = None, ttl_seconds: float | None = None,

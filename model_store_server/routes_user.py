@@ -8,14 +8,13 @@ from typing import Iterator
 
 from flask import Blueprint, Response, current_app
 
-from model_store_server.swapper import Lease, Outcome, Swapper
+from model_store_server.swapper import STALE_CODES, Lease, Outcome, Swapper
 from model_swap.errors import ApiError
 from model_swap.names import check_model_name
-from model_swap.web import int_field, json_body
+from model_swap.web import generation_fields, json_body
 
 bp = Blueprint("user", __name__)
 log = logging.getLogger(__name__)
-DEFAULT_MAX_TOKENS = 512
 
 
 def _log_line(policy: str, model: str, outcome: Outcome) -> None:
@@ -41,14 +40,8 @@ def _stream(swapper: Swapper, lease: Lease, chunks: Iterator[bytes]) -> Iterator
 def user_request():
     """Stream generated text for {"prompt", "model", "max_tokens"}; headers tell the cache action."""
     body = json_body()
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise ApiError(400, "invalid_request", "prompt must be a non-empty string")
+    prompt, max_tokens, temperature = generation_fields(body)
     model = check_model_name(body.get("model"))
-    max_tokens = int_field(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, 1 << 20)
-    temperature = body.get("temperature")
-    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))):
-        raise ApiError(400, "invalid_request", "temperature must be a number")
     swapper: Swapper = current_app.extensions["store"]["swapper"]
     policy = current_app.extensions["store"]["config"].cache_policy
 
@@ -59,15 +52,23 @@ def user_request():
             break
         except ApiError as err:
             lease.release()
-            swapper.mark_stale()
+            if err.code in STALE_CODES:
+                swapper.mark_stale()
             # A restarted worker forgets what it had loaded: reconcile and try once more.
             if err.code != "model_not_loaded" or attempt == 2:
                 raise
+            swapper.worker_lost_model()
             log.warning("[/user_request] worker no longer has %s loaded; reconciling and retrying", model)
+        except BaseException:
+            lease.release()
+            swapper.mark_stale()
+            raise
     outcome = lease.outcome
     _log_line(policy, model, outcome)
     response = Response(_stream(swapper, lease, swapper.worker.iter_text(upstream)), mimetype="text/plain")
+    # Closing a stream that was never iterated does not run its finally: end the lease here too.
     response.call_on_close(upstream.close)
+    response.call_on_close(lease.release)
     response.headers.update({
         "X-Cache-Action": outcome.action,
         "X-Cache-Evicted": ",".join(outcome.evicted),

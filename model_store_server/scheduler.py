@@ -22,6 +22,7 @@ class Scheduler:
         self._exclusive = False
         self._shared_model: str | None = None
         self._shared_count = 0
+        self._share_closed = False  # set when the shared model turned out not to be loaded
 
     def acquire(self, model: str | None) -> bool:
         """Wait for this caller's turn; return True if it holds exclusive access, False if it joined."""
@@ -35,7 +36,8 @@ class Scheduler:
                         self._queue.popleft()
                         self._cond.notify_all()
                         return True
-                    if model is not None and not self._exclusive and self._shared_model == model:
+                    if (model is not None and not self._exclusive and self._shared_model == model
+                            and not self._share_closed):
                         self._shared_count += 1
                         self._queue.popleft()
                         self._cond.notify_all()
@@ -45,10 +47,18 @@ class Scheduler:
     def downgrade(self, model: str) -> None:
         """Turn exclusive access into a share of `model`, letting others for it join."""
         with self._cond:
-            assert self._exclusive, "downgrade without exclusive access"
+            if not self._exclusive:
+                raise RuntimeError("downgrade without exclusive access")
             self._exclusive = False
             self._shared_model, self._shared_count = model, 1
+            self._share_closed = False
             self._cond.notify_all()
+
+    def close_share(self) -> None:
+        """Let no one else join the current share; the next request waits for it to drain."""
+        with self._cond:
+            if self._shared_count:
+                self._share_closed = True
 
     def release_exclusive(self) -> None:
         with self._cond:
@@ -60,6 +70,7 @@ class Scheduler:
             self._shared_count -= 1
             if self._shared_count == 0:
                 self._shared_model = None
+                self._share_closed = False
             self._cond.notify_all()
 
     def snapshot(self) -> dict:

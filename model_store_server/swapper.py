@@ -23,6 +23,8 @@ from model_swap.errors import ApiError
 from model_swap.names import check_model_name
 
 log = logging.getLogger(__name__)
+# Worker errors after which the store's view of the worker may be wrong.
+STALE_CODES = frozenset({"worker_unavailable", "worker_error", "model_not_loaded", "load_failed"})
 
 
 @dataclass
@@ -37,12 +39,21 @@ class Outcome:
     cached: list[str] = field(default_factory=list)
 
 
-@dataclass
 class Lease:
-    """A request's hold on the loaded model; release() when its stream ends."""
+    """A request's hold on the loaded model; release() when its stream ends (idempotent)."""
 
-    outcome: Outcome
-    release: Callable[[], None]
+    def __init__(self, outcome: Outcome, on_release: Callable[[], None]):
+        self.outcome = outcome
+        self._on_release = on_release
+        self._released = False
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self._on_release()
 
 
 class Swapper:
@@ -58,6 +69,7 @@ class Swapper:
         self.scheduler = Scheduler()
         self._policy_lock = threading.Lock()  # cachetools caches are not thread-safe
         self._loaded: str | None = None
+        self._admitted_sha: dict[str, str] = {}  # digest of the copy each cached model has on the worker
         self._stale = True  # the worker's state must be read before the next change
 
     def cached(self) -> list[str]:
@@ -79,8 +91,12 @@ class Swapper:
             self.scheduler.downgrade(name)
         else:
             started = time.perf_counter()
-            with self._policy_lock:
-                self.policy.touch(name)
+            try:
+                with self._policy_lock:
+                    self.policy.use(name)
+            except BaseException:
+                self.scheduler.release_shared()
+                raise
             outcome = Outcome("already_loaded", decision_ms=(time.perf_counter() - started) * 1000)
         outcome.cached = self.cached()
         self.metrics.requests.labels(outcome.action).inc()
@@ -88,13 +104,22 @@ class Swapper:
 
     def _end_use(self, name: str) -> None:
         """A request's stream ended: its model was used until now (ttl counts from here)."""
-        with self._policy_lock:
-            self.policy.touch(name)
-        self.scheduler.release_shared()
+        try:
+            with self._policy_lock:
+                self.policy.use(name)
+        finally:
+            self.scheduler.release_shared()
 
     def mark_stale(self) -> None:
         """The worker may have changed behind our back (restart, lost connection)."""
         self._stale = True
+
+    def worker_lost_model(self) -> None:
+        """The worker no longer has the model we believed loaded (it restarted): nobody may
+        join the current share, so the next request waits for exclusive access and reconciles."""
+        self._loaded = None
+        self._stale = True
+        self.scheduler.close_share()
 
     def _ensure_loaded(self, model: StoredModel) -> Outcome:
         try:
@@ -102,7 +127,7 @@ class Swapper:
                 self._reconcile()
             return self._bring(model, load=True)
         except ApiError as err:
-            if err.code in ("worker_unavailable", "worker_error"):
+            if err.code in STALE_CODES:
                 self._stale = True
             raise
 
@@ -113,6 +138,11 @@ class Swapper:
         with self._policy_lock:
             hit = self.policy.touch(name)
         decision_ms = (time.perf_counter() - started) * 1000
+        if hit and self._admitted_sha.get(name) != model.sha256:
+            # The store's file changed since the worker got its copy: the copy is stale.
+            log.info("[swap] %s changed in the store since it was sent; replacing the worker's copy", name)
+            self._forget_on_worker(name)
+            hit = False
         if hit and (self._loaded == name or not load):
             return Outcome("already_loaded" if load else "already_cached", decision_ms=decision_ms)
         if hit:
@@ -156,6 +186,7 @@ class Swapper:
                 self.policy.discard(name)
             self._stale = True
             raise
+        self._admitted_sha[name] = model.sha256
         self.metrics.bytes_sent.labels(sent.transport).inc(model.size)
         self.metrics.transfer_seconds.labels(sent.transport).observe(sent.seconds)
         log.info("[swap] sent %s (%d bytes) over %s in %.1fms (%.2f GB/s)", name, model.size, sent.transport,
@@ -187,7 +218,11 @@ class Swapper:
     def _load(self, name: str) -> None:
         started = time.perf_counter()
         self._loaded = None  # until the worker confirms, we do not know
-        self.worker.load_local(name)
+        try:
+            self.worker.load_local(name)
+        except ApiError:
+            self._stale = True  # a failed load may have restored the previous model: ask the worker
+            raise
         self._loaded = name
         seconds = time.perf_counter() - started
         self.metrics.load_seconds.observe(seconds)
@@ -205,6 +240,9 @@ class Swapper:
     def _forget_on_worker(self, name: str) -> None:
         with self._policy_lock:
             self.policy.discard(name)
+        self._admitted_sha.pop(name, None)
+        if self._loaded == name:
+            self._loaded = None
         try:
             self.worker.delete(name)
         except ApiError:
@@ -216,33 +254,44 @@ class Swapper:
         adopted, removed = [], []
         with self._policy_lock:
             self.policy.clear()
+        self._admitted_sha.clear()
         for entry in state.cached:  # oldest use first, so recency survives a restart
-            name = entry.get("name", "")
+            name = entry.get("name")
             try:
                 check_model_name(name)
-                ours = self.catalog.get(name)
             except ApiError:
-                ours = None
+                log.warning("[reconcile] ignoring a worker entry with an invalid name: %r", name)
+                continue
+            ours = self.catalog.get(name) if self.catalog.has(name) else None
             if ours is None or ours.sha256 != entry.get("sha256"):
-                self.worker.delete(name)
-                removed.append(name)
+                self._delete_quietly(name, removed)
                 continue
             try:
                 with self._policy_lock:
                     admission = self.policy.admit(name, ours.size)
             except (CacheFull, TooLargeForCache):
-                self.worker.delete(name)
-                removed.append(name)
+                self._delete_quietly(name, removed)
                 continue
             self._evict(admission.evicted)
             removed.extend(admission.evicted)
             adopted.append(name)
+            self._admitted_sha[name] = ours.sha256
         with self._policy_lock:
             kept = set(self.policy.entries())
         self._loaded = state.loaded if state.loaded in kept else None
         self._stale = False
         log.info("[reconcile] adopted=[%s] removed=[%s] loaded=%s", ", ".join(adopted), ", ".join(removed),
                  self._loaded)
+
+    def _delete_quietly(self, name: str, removed: list[str]) -> None:
+        """Delete a file on the worker; only an unreachable worker stops the caller."""
+        try:
+            self.worker.delete(name)
+            removed.append(name)
+        except ApiError as err:
+            if err.code == "worker_unavailable":
+                raise
+            log.warning("[reconcile] could not delete %s on the worker: %s", name, err.message)
 
     def run_exclusive(self, action: Callable[[], Outcome]) -> Outcome:
         """Run an admin action with exclusive access to the worker."""
@@ -252,7 +301,7 @@ class Swapper:
                 self._reconcile()
             return action()
         except ApiError as err:
-            if err.code in ("worker_unavailable", "worker_error"):
+            if err.code in STALE_CODES:
                 self._stale = True
             raise
         finally:
@@ -271,11 +320,18 @@ class Swapper:
         def _wipe() -> Outcome:
             self.worker.unload()
             self._loaded = None
-            deleted = [entry["name"] for entry in self.worker.state().cached]
-            for name in deleted:
-                self.worker.delete(name)
+            deleted: list[str] = []
+            for entry in self.worker.state().cached:
+                name = entry.get("name")
+                try:
+                    check_model_name(name)
+                except ApiError:
+                    log.warning("[reset] ignoring a worker entry with an invalid name: %r", name)
+                    continue
+                self._delete_quietly(name, deleted)
             with self._policy_lock:
                 self.policy.clear()
+            self._admitted_sha.clear()
             self._stale = False
             log.info("[reset] worker cache emptied: [%s]", ", ".join(deleted))
             return Outcome("reset", tuple(deleted))

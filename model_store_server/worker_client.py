@@ -8,15 +8,17 @@ import logging
 import time
 from dataclasses import dataclass
 from typing import Iterator
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import requests
 
 from model_swap.digest import BLOCK_SIZE
 from model_swap.errors import ApiError
+from model_swap.names import check_model_name
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
+USER_INPUT_CODES = frozenset({"invalid_request", "prompt_too_long"})
 
 
 class WorkerUnavailable(ApiError):
@@ -35,6 +37,8 @@ def _error_from(status: int, body: bytes) -> ApiError:
         code, message = "worker_error", body[:200].decode("utf-8", "replace")
     if code == "internal_error":
         code = "worker_error"
+    if status == 400 and code in USER_INPUT_CODES:
+        return ApiError(400, code, message)  # the user's request was at fault, not the worker
     return ApiError(502, code, f"worker answered {status}: {message}")
 
 
@@ -82,7 +86,7 @@ class WorkerClient:
     def delete(self, name: str) -> bool:
         """Delete a cached model; a model already gone counts as deleted."""
         try:
-            self._call("DELETE", f"/models/{name}")
+            self._call("DELETE", f"/models/{quote(check_model_name(name), safe='')}")
         except ApiError as err:
             if err.code == "model_not_cached":
                 return False

@@ -38,3 +38,19 @@ def int_field(body: dict, key: str, default: int, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise ApiError(400, "invalid_request", f"{key} must be an integer from {low} to {high}")
     return value
+
+
+DEFAULT_MAX_TOKENS = 512
+
+
+def generation_fields(body: dict) -> tuple[str, int, float | None]:
+    """Validate prompt, max_tokens (default 512) and temperature (0-10, optional)."""
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, "invalid_request", "prompt must be a non-empty string")
+    max_tokens = int_field(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, 1 << 20)
+    temperature = body.get("temperature")
+    if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                                    or not 0 <= temperature <= 10):
+        raise ApiError(400, "invalid_request", "temperature must be a number from 0 to 10")
+    return prompt, max_tokens, temperature

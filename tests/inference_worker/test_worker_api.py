@@ -288,3 +288,12 @@ def test_refuses_public_bind_without_token(tmp_path):
                            str(tmp_path)], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "WORKER_TOKEN" in proc.stderr
+
+
+def test_resending_a_loaded_model_loads_the_new_bytes(worker, model_a, model_b):
+    _upload(worker.url, "m.gguf", model_a.read_bytes(), "/load_model_from_store")
+    first = requests.post(worker.url + "/infer", json={"prompt": "hello", "max_tokens": 8, "temperature": 0}).content
+    r = _upload(worker.url, "m.gguf", model_b.read_bytes(), "/load_model_from_store")
+    assert r.status_code == 200 and r.json()["load_ms"] > 0
+    second = requests.post(worker.url + "/infer", json={"prompt": "hello", "max_tokens": 8, "temperature": 0}).content
+    assert first != second, "greedy output of different weights differs; the same output means stale weights"

@@ -199,3 +199,22 @@ def test_lru_ttl_capacity_then_time(timer):
 def test_unknown_policy_is_refused(timer):
     with pytest.raises(ValueError):
         build_policy("fifo", 2)
+
+
+def test_touch_at_the_expiry_instant_does_not_raise():
+    times = iter([0.0, 3.9999, 4.0001, 4.0001, 4.0001])
+    p = build_policy("ttl", 2, None, 4.0, timer=lambda: next(times))
+    p.admit("a.gguf", 1)
+    # The clock is read once for the whole touch: it either finds a live entry or none.
+    assert p.touch("a.gguf") in (True, False)
+
+
+def test_use_revives_an_entry_that_expired_while_in_use(timer):
+    p = make("ttl", timer, ttl=4)
+    p.admit("a.gguf", 7)
+    timer.tick(10)  # a long stream
+    assert p.touch("a.gguf") is False
+    assert p.use("a.gguf") is True
+    timer.tick(1)
+    assert p.admit("b.gguf", 1).evicted == ()
+    assert sorted(p.entries()) == ["a.gguf", "b.gguf"] and p.total_bytes() == 8

@@ -268,3 +268,62 @@ def test_store_sends_worker_token(services, models_dir, tmp_path):
     r = requests.post(wrong.url + "/user_request", json={**PROMPT, "model": "b.gguf"})
     assert r.status_code == 502 and r.json()["error"]["code"] == "unauthorized"
     assert disk(worker) == ["a.gguf"]
+
+
+def test_concurrent_requests_after_unnoticed_worker_restart(services, worker, models_dir):
+    store = services.store(models_dir, worker)
+    assert ask(store, "a.gguf")[1] == "load_from_store"
+    worker.stop()
+    worker.start()
+    results = []
+    lock = threading.Lock()
+
+    def one():
+        out = ask(store, "a.gguf")
+        with lock:
+            results.append(out)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [status for status, *_ in results] == [200] * 8, results
+
+
+def test_recency_survives_restarting_both_services(services, worker, models_dir):
+    store = services.store(models_dir, worker, policy="lru", max_cache_size=2)
+    ask(store, "a.gguf")
+    ask(store, "b.gguf")
+    ask(store, "a.gguf")  # b is now the least recently used
+    store.stop()
+    worker.stop()
+    worker.start()
+    store = services.store(models_dir, worker, policy="lru", max_cache_size=2)
+    assert ask(store, "c.gguf")[2] == ["b.gguf"]
+
+
+def test_model_changed_in_the_store_is_sent_again(services, worker, models_dir, make_model):
+    store = services.store(models_dir, worker)
+    assert ask(store, "a.gguf")[1] == "load_from_store"
+    first = requests.get(worker.url + "/models").json()["cached"][0]["sha256"]
+    (models_dir / "a.gguf").unlink()
+    make_model(models_dir, "a.gguf", seed=11)
+    assert ask(store, "a.gguf")[1] == "load_from_store"
+    second = requests.get(worker.url + "/models").json()["cached"][0]["sha256"]
+    assert second != first
+
+
+def test_out_of_range_temperature_is_refused_before_any_transfer(services, worker, models_dir):
+    store = services.store(models_dir, worker)
+    r = requests.post(store.url + "/user_request", json={**PROMPT, "model": "a.gguf", "temperature": 50})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request"
+    assert disk(worker) == []
+
+
+def test_prompt_too_long_is_a_400_with_its_code(services, models_dir, tmp_path):
+    worker = services.worker(extra=["--n-ctx", "64"])
+    store = services.store(models_dir, worker)
+    r = requests.post(store.url + "/user_request", json={"prompt": "word " * 200, "model": "a.gguf"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"
+    assert ask(store, "a.gguf")[0] == 200  # the worker still serves
