@@ -68,5 +68,5 @@ def build_transport(config, worker: WorkerClient) -> Transport:
         return http
     from model_store_server.rdma_transport import RdmaTransport
 
-    rdma = RdmaTransport(config.worker_rdma_host, config.worker_rdma_port)
+    rdma = RdmaTransport(config.worker_rdma_host, config.worker_rdma_port, token=config.worker_token)
     return FallbackTransport(rdma, http) if config.allow_fallback else rdma
