@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from model_swap.errors import ApiError
+from model_swap.once import Once
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +171,7 @@ class Generation:
         self._llm = llm
         self.name = name
         self._n_ctx = n_ctx
-        self._release = release
-        self._released = False
-        self._lock = threading.Lock()
+        self._release = Once(release)
 
     def check_prompt(self, prompt: str) -> None:
         """Refuse a prompt that does not fit the context (llama.cpp would fail mid-response)."""
@@ -196,8 +195,5 @@ class Generation:
             chunks.close()
 
     def release(self) -> None:
-        with self._lock:
-            if self._released:
-                return
-            self._released = True
+        """End the turn (idempotent)."""
         self._release()

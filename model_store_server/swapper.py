@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from model_store_server.catalog import Catalog, StoredModel
 from model_store_server.metrics import StoreMetrics
@@ -21,6 +21,7 @@ from model_store_server.transport import Transport
 from model_store_server.worker_client import WorkerClient
 from model_swap.errors import ApiError
 from model_swap.names import check_model_name
+from model_swap.once import Once
 
 log = logging.getLogger(__name__)
 # Worker errors after which the store's view of the worker may be wrong.
@@ -39,21 +40,23 @@ class Outcome:
     cached: list[str] = field(default_factory=list)
 
 
+def _valid_entries(entries: list[dict], context: str) -> Iterator[dict]:
+    """The worker's listing entries whose names pass the name check; the rest are logged and skipped."""
+    for entry in entries:
+        try:
+            check_model_name(entry.get("name"))
+        except ApiError:
+            log.warning("[%s] ignoring a worker entry with an invalid name: %r", context, entry.get("name"))
+            continue
+        yield entry
+
+
 class Lease:
     """A request's hold on the loaded model; release() when its stream ends (idempotent)."""
 
     def __init__(self, outcome: Outcome, on_release: Callable[[], None]):
         self.outcome = outcome
-        self._on_release = on_release
-        self._released = False
-        self._lock = threading.Lock()
-
-    def release(self) -> None:
-        with self._lock:
-            if self._released:
-                return
-            self._released = True
-        self._on_release()
+        self.release = Once(on_release)
 
 
 class Swapper:
@@ -255,13 +258,8 @@ class Swapper:
         with self._policy_lock:
             self.policy.clear()
         self._admitted_sha.clear()
-        for entry in state.cached:  # oldest use first, so recency survives a restart
-            name = entry.get("name")
-            try:
-                check_model_name(name)
-            except ApiError:
-                log.warning("[reconcile] ignoring a worker entry with an invalid name: %r", name)
-                continue
+        for entry in _valid_entries(state.cached, "reconcile"):  # oldest use first: recency survives
+            name = entry["name"]
             ours = self.catalog.get(name) if self.catalog.has(name) else None
             if ours is None or ours.sha256 != entry.get("sha256"):
                 self._delete_quietly(name, removed)
@@ -321,14 +319,8 @@ class Swapper:
             self.worker.unload()
             self._loaded = None
             deleted: list[str] = []
-            for entry in self.worker.state().cached:
-                name = entry.get("name")
-                try:
-                    check_model_name(name)
-                except ApiError:
-                    log.warning("[reset] ignoring a worker entry with an invalid name: %r", name)
-                    continue
-                self._delete_quietly(name, deleted)
+            for entry in _valid_entries(self.worker.state().cached, "reset"):
+                self._delete_quietly(entry["name"], deleted)
             with self._policy_lock:
                 self.policy.clear()
             self._admitted_sha.clear()

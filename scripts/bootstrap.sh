@@ -38,3 +38,11 @@ fetch_models() {
   log "fetching the real models into ${MODELS_DIR:-$REPO/models} (verified by size and sha256)"
   "$VENV/bin/python" -m model_store_server.fetch_models --dest "${MODELS_DIR:-$REPO/models}"
 }
+
+# set_up_everything: venv, the project with its dev extra, the real models; then cd to the repo.
+set_up_everything() {
+  ensure_venv
+  install_project dev
+  fetch_models
+  cd "$REPO"
+}

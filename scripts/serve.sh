@@ -4,10 +4,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 
-ensure_venv
-install_project dev
-fetch_models
-cd "$REPO"
+set_up_everything
 
 WORKER_PORT="${WORKER_PORT:-8080}"
 STORE_PORT="${STORE_PORT:-8000}"

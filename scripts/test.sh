@@ -3,8 +3,5 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 
-ensure_venv
-install_project dev
-fetch_models
-cd "$REPO"
+set_up_everything
 exec "$VENV/bin/python" -m pytest "$@"

@@ -210,21 +210,28 @@ def test_worker_restart_unnoticed_is_retried(services, worker, models_dir):
     assert action == "load_from_local_store"
 
 
-def test_concurrent_same_model_transfers_once(services, worker, models_dir):
-    store = services.store(models_dir, worker)
+def ask_concurrently(store, threads: int, models_of_thread) -> list[tuple]:
+    """Each of `threads` threads asks for models_of_thread(i) in turn; returns every answer."""
     results = []
     lock = threading.Lock()
 
-    def one():
-        out = ask(store, "a.gguf")
-        with lock:
-            results.append(out)
+    def run(i):
+        for model in models_of_thread(i):
+            out = ask(store, model)
+            with lock:
+                results.append(out)
 
-    threads = [threading.Thread(target=one) for _ in range(16)]
-    for t in threads:
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for t in workers:
         t.start()
-    for t in threads:
-        t.join(120)
+    for t in workers:
+        t.join(300)
+    return results
+
+
+def test_concurrent_same_model_transfers_once(services, worker, models_dir):
+    store = services.store(models_dir, worker)
+    results = ask_concurrently(store, 16, lambda i: ["a.gguf"])
     actions = Counter(action for _, action, _, _ in results)
     assert all(status == 200 and body for status, _, _, body in results)
     assert actions == {"load_from_store": 1, "already_loaded": 15}
@@ -233,21 +240,8 @@ def test_concurrent_same_model_transfers_once(services, worker, models_dir):
 
 def test_concurrent_mixed_models_keep_the_invariant(services, worker, models_dir):
     store = services.store(models_dir, worker, policy="lru", max_cache_size=2)
-    results = []
-    lock = threading.Lock()
     names = ["a.gguf", "b.gguf", "c.gguf"]
-
-    def run(i):
-        for j in range(4):
-            out = ask(store, names[(i + j) % 3])
-            with lock:
-                results.append(out)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(300)
+    results = ask_concurrently(store, 16, lambda i: [names[(i + j) % 3] for j in range(4)])
     assert len(results) == 64
     assert all(status == 200 and body for status, _, _, body in results), Counter(r[0] for r in results)
     admissions = sum(1 for _, action, _, _ in results if action == "load_from_store")
@@ -275,19 +269,7 @@ def test_concurrent_requests_after_unnoticed_worker_restart(services, worker, mo
     assert ask(store, "a.gguf")[1] == "load_from_store"
     worker.stop()
     worker.start()
-    results = []
-    lock = threading.Lock()
-
-    def one():
-        out = ask(store, "a.gguf")
-        with lock:
-            results.append(out)
-
-    threads = [threading.Thread(target=one) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = ask_concurrently(store, 8, lambda i: ["a.gguf"])
     assert [status for status, *_ in results] == [200] * 8, results
 
 
