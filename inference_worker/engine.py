@@ -11,6 +11,7 @@ from typing import Callable, Iterator
 
 from model_swap.errors import ApiError
 from model_swap.once import Once
+from model_swap.web import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -172,22 +173,30 @@ class Generation:
         self.name = name
         self._n_ctx = n_ctx
         self._release = Once(release)
+        self.prompt_tokens: int | None = None
+        self.finish_reason: str | None = None
 
     def check_prompt(self, prompt: str) -> None:
         """Refuse a prompt that does not fit the context (llama.cpp would fail mid-response)."""
         tokens = len(self._llm.tokenize(prompt.encode("utf-8"), add_bos=True))
         if tokens >= self._n_ctx:
             raise ApiError(400, "prompt_too_long", f"prompt is {tokens} tokens; the context holds {self._n_ctx}")
+        self.prompt_tokens = tokens
 
-    def stream(self, prompt: str, max_tokens: int, temperature: float | None) -> Iterator[str]:
-        """Yield text pieces as llama.cpp produces them."""
-        kwargs = {"max_tokens": max_tokens, "stream": True}
-        if temperature is not None:
-            kwargs["temperature"] = temperature
-        chunks = self._llm.create_completion(prompt, **kwargs)
+    def stream(self, request: GenerationRequest) -> Iterator[str]:
+        """Yield text pieces as llama.cpp produces them; finish_reason is set when it ends."""
+        kwargs: dict = {"max_tokens": request.max_tokens, "stream": True}
+        if request.temperature is not None:
+            kwargs["temperature"] = request.temperature
+        if request.messages is not None:
+            chunks = self._llm.create_chat_completion(list(request.messages), **kwargs)
+        else:
+            chunks = self._llm.create_completion(request.prompt, **kwargs)
         try:
             for chunk in chunks:
-                text = chunk["choices"][0]["text"]
+                choice = chunk["choices"][0]
+                text = choice["delta"].get("content") if "delta" in choice else choice["text"]
+                self.finish_reason = choice.get("finish_reason") or self.finish_reason
                 if text:
                     yield text
         finally:

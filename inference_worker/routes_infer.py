@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import time
 from typing import Iterator
@@ -13,37 +15,43 @@ from inference_worker.engine import Generation
 from inference_worker.metrics import WorkerMetrics
 from model_swap.errors import ApiError
 from model_swap.names import check_model_name
-from model_swap.web import generation_fields, json_body
+from model_swap.web import GenerationRequest, json_body, parse_generation
 
 bp = Blueprint("infer", __name__)
 log = logging.getLogger(__name__)
+STREAM_FORMATS = ("text", "ndjson")
 
 
-def _parse() -> tuple[str, int, float | None, str | None]:
-    body = json_body()
-    prompt, max_tokens, temperature = generation_fields(body)
-    model = body.get("model")
-    if model is not None:
-        check_model_name(model)
-    return prompt, max_tokens, temperature, model
+def _start(gen: Generation, request: GenerationRequest) -> Iterator[str]:
+    """Begin generating and pull the first piece now, so a failure is still an error response."""
+    if request.prompt is not None:
+        gen.check_prompt(request.prompt)
+    pieces = gen.stream(request)
+    try:
+        first = next(pieces, None)
+    except ValueError as err:  # llama.cpp's word for a chat that does not fit the context
+        raise ApiError(400, "prompt_too_long", str(err)) from None
+    return itertools.chain([] if first is None else [first], pieces)
 
 
-def _stream(gen: Generation, prompt: str, max_tokens: int, temperature: float | None,
+def _stream(gen: Generation, pieces: Iterator[str], started: float, ndjson: bool,
             metrics: WorkerMetrics) -> Iterator[bytes]:
-    """Yield encoded text, logging TTFT and throughput once the stream ends."""
-    started = time.perf_counter()
+    """Yield text (or ndjson events ending with a summary), logging TTFT and throughput at the end."""
     first: float | None = None
     tokens = 0
     finished = False
     try:
-        for text in gen.stream(prompt, max_tokens, temperature):
+        for text in pieces:
             if first is None:
                 first = time.perf_counter() - started
                 metrics.ttft_seconds.observe(first)
                 log.info("[infer] TTFT: %.3fs", first)
             tokens += 1
-            yield text.encode("utf-8")
+            yield (json.dumps({"text": text}) + "\n").encode() if ndjson else text.encode("utf-8")
         finished = True
+        if ndjson:
+            yield (json.dumps({"finish_reason": gen.finish_reason, "completion_tokens": tokens,
+                               "prompt_tokens": gen.prompt_tokens}) + "\n").encode()
     finally:
         gen.release()
         total = time.perf_counter() - started
@@ -55,22 +63,37 @@ def _stream(gen: Generation, prompt: str, max_tokens: int, temperature: float | 
 
 @bp.post("/infer")
 def infer():
-    """Stream text/plain from the loaded model; 409 model_not_loaded if `model` names another."""
-    prompt, max_tokens, temperature, model = _parse()
+    """Stream from the loaded model; 409 model_not_loaded if `model` names another.
+
+    Body: {"prompt" or "messages", "max_tokens", "temperature", "model", "stream_format"}.
+    stream_format "text" (default) is text/plain; "ndjson" is one {"text"} object per piece and
+    a last {"finish_reason", "completion_tokens", "prompt_tokens"}.
+    """
+    body = json_body()
+    request = parse_generation(body)
+    model = body.get("model")
+    if model is not None:
+        check_model_name(model)
+    stream_format = body.get("stream_format", "text")
+    if stream_format not in STREAM_FORMATS:
+        raise ApiError(400, "invalid_request", f"stream_format must be one of {', '.join(STREAM_FORMATS)}")
     metrics = state.metrics()
     try:
         gen = state.engine().begin(model)
     except ApiError:
         metrics.requests.labels("rejected").inc()
         raise
+    started = time.perf_counter()
     try:
-        gen.check_prompt(prompt)
+        pieces = _start(gen, request)
     except BaseException:
         gen.release()
         metrics.requests.labels("rejected").inc()
         raise
     state.cache().touch(gen.name)
-    response = Response(_stream(gen, prompt, max_tokens, temperature, metrics), mimetype="text/plain")
+    ndjson = stream_format == "ndjson"
+    response = Response(_stream(gen, pieces, started, ndjson, metrics),
+                        mimetype="application/x-ndjson" if ndjson else "text/plain")
     # If the body is never iterated, the turn must still end.
     response.call_on_close(gen.release)
     response.headers["X-Model-Name"] = gen.name

@@ -15,6 +15,7 @@ import requests
 from model_swap.digest import BLOCK_SIZE
 from model_swap.errors import ApiError
 from model_swap.names import check_model_name
+from model_swap.web import GenerationRequest
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
@@ -96,11 +97,9 @@ class WorkerClient:
     def unload(self) -> None:
         self._call("POST", "/unload")
 
-    def infer(self, prompt: str, model: str, max_tokens: int, temperature: float | None) -> requests.Response:
+    def infer(self, model: str, request: GenerationRequest, stream_format: str = "text") -> requests.Response:
         """Start a streamed generation; raises for an error status before any text."""
-        body = {"prompt": prompt, "model": model, "max_tokens": max_tokens}
-        if temperature is not None:
-            body["temperature"] = temperature
+        body = dict(request.to_json(), model=model, stream_format=stream_format)
         response = self._call("POST", "/infer", json=body, stream=True)
         if response.status_code >= 400:
             err = _error_from(response.status_code, response.content)

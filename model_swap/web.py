@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 from flask import Flask, g, request
 
@@ -41,16 +42,60 @@ def int_field(body: dict, key: str, default: int, low: int, high: int) -> int:
 
 
 DEFAULT_MAX_TOKENS = 512
+CHAT_ROLES = frozenset({"system", "user", "assistant"})
+MAX_MESSAGES = 256
 
 
-def generation_fields(body: dict) -> tuple[str, int, float | None]:
-    """Validate prompt, max_tokens (default 512) and temperature (0-10, optional)."""
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise ApiError(400, "invalid_request", "prompt must be a non-empty string")
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate: a prompt or chat messages, with max_tokens and temperature."""
+
+    prompt: str | None
+    messages: tuple[dict, ...] | None
+    max_tokens: int
+    temperature: float | None
+
+    def to_json(self) -> dict:
+        body: dict = {"max_tokens": self.max_tokens}
+        if self.prompt is not None:
+            body["prompt"] = self.prompt
+        if self.messages is not None:
+            body["messages"] = list(self.messages)
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        return body
+
+
+def _messages(value: object) -> tuple[dict, ...]:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_MESSAGES:
+        raise ApiError(400, "invalid_request", f"messages must be a list of 1 to {MAX_MESSAGES} messages")
+    for message in value:
+        if (not isinstance(message, dict) or message.get("role") not in CHAT_ROLES
+                or not isinstance(message.get("content"), str)):
+            raise ApiError(400, "invalid_request",
+                           "each message needs a role (system, user or assistant) and a string content")
+    return tuple({"role": m["role"], "content": m["content"]} for m in value)
+
+
+def parse_generation(body: dict, chat: bool | None = None) -> GenerationRequest:
+    """Validate a prompt (or, where allowed, messages), max_tokens (default 512) and temperature (0-10).
+
+    chat=False needs a prompt, chat=True needs messages, None takes exactly one of the two.
+    """
+    has_messages = body.get("messages") is not None
+    if has_messages and body.get("prompt") is not None:
+        raise ApiError(400, "invalid_request", "give either prompt or messages, not both")
+    if chat is None:
+        chat = has_messages
+    if chat:
+        prompt, messages = None, _messages(body.get("messages"))
+    else:
+        prompt, messages = body.get("prompt"), None
+        if not isinstance(prompt, str) or not prompt:
+            raise ApiError(400, "invalid_request", "prompt must be a non-empty string")
     max_tokens = int_field(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, 1 << 20)
     temperature = body.get("temperature")
     if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
                                     or not 0 <= temperature <= 10):
         raise ApiError(400, "invalid_request", "temperature must be a number from 0 to 10")
-    return prompt, max_tokens, temperature
+    return GenerationRequest(prompt, messages, max_tokens, temperature)

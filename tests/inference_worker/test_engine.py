@@ -9,6 +9,7 @@ import pytest
 
 from inference_worker.engine import Engine, FairLock
 from model_swap.errors import ApiError
+from model_swap.web import GenerationRequest
 
 
 @pytest.fixture
@@ -32,7 +33,7 @@ def test_load_waits_for_generation_to_release(engine, models):
     loader.join(timeout=0.3)
     assert loader.is_alive(), "load must wait while a generation holds the model"
     assert engine.loaded == "a.gguf"
-    assert "".join(gen.stream("hi", 3, 0.0))
+    assert "".join(gen.stream(GenerationRequest("hi", None, 3, 0.0)))
     gen.release()
     loader.join(timeout=30)
     assert engine.loaded == "b.gguf"
@@ -60,7 +61,7 @@ def test_failed_load_restores_previous(engine, models, tmp_path):
     assert err.value.code == "load_failed"
     assert engine.loaded == "a.gguf"
     gen = engine.begin("a.gguf")
-    assert "".join(gen.stream("hi", 2, 0.0))
+    assert "".join(gen.stream(GenerationRequest("hi", None, 2, 0.0)))
     gen.release()
 
 

@@ -297,3 +297,18 @@ def test_resending_a_loaded_model_loads_the_new_bytes(worker, model_a, model_b):
     assert r.status_code == 200 and r.json()["load_ms"] > 0
     second = requests.post(worker.url + "/infer", json={"prompt": "hello", "max_tokens": 8, "temperature": 0}).content
     assert first != second, "greedy output of different weights differs; the same output means stale weights"
+
+
+def test_chat_messages_and_ndjson_events(worker, model_a):
+    import json
+
+    _upload(worker.url, "a.gguf", model_a.read_bytes(), "/load_model_from_store")
+    r = requests.post(worker.url + "/infer", json={"messages": [{"role": "user", "content": "hi"}],
+                                                   "max_tokens": 4, "stream_format": "ndjson"})
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("application/x-ndjson")
+    events = [json.loads(line) for line in r.text.splitlines()]
+    assert all("text" in e for e in events[:-1]) and len(events) >= 2
+    assert events[-1]["finish_reason"] in ("length", "stop")
+    assert events[-1]["completion_tokens"] == len(events) - 1
+    bad = requests.post(worker.url + "/infer", json={"prompt": "x", "messages": [{"role": "user", "content": "y"}]})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"

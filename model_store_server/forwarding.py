@@ -1,0 +1,97 @@
+"""Forward one generation to the worker: lease the model, start the stream, release at its end."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Iterator
+
+import requests
+from flask import Response
+
+from model_store_server.swapper import STALE_CODES, Lease, Outcome, Swapper
+from model_swap.errors import ApiError
+from model_swap.web import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Forward:
+    """A running generation on the worker, holding its lease until closed."""
+
+    swapper: Swapper
+    lease: Lease
+    upstream: requests.Response
+
+    @property
+    def outcome(self) -> Outcome:
+        return self.lease.outcome
+
+    def chunks(self) -> Iterator[bytes]:
+        """The worker's bytes as they arrive; the lease ends with the stream or the client."""
+        try:
+            yield from self.swapper.worker.iter_text(self.upstream)
+        except Exception:
+            self.swapper.mark_stale()
+            log.exception("[forward] worker stream broke off")
+        finally:
+            self.lease.release()
+
+    def close(self) -> None:
+        """End everything, also for a stream that was never iterated (its finally would not run)."""
+        self.upstream.close()
+        self.lease.release()
+
+    def attach(self, response: Response) -> Response:
+        """Tie the lease to the response's close and add the cache headers."""
+        response.call_on_close(self.close)
+        response.headers.update(cache_headers(self.outcome))
+        return response
+
+
+def cache_headers(outcome: Outcome) -> dict[str, str]:
+    """What the request caused, for the response headers."""
+    return {
+        "X-Cache-Action": outcome.action,
+        "X-Cache-Evicted": ",".join(outcome.evicted),
+        "X-Decision-Ms": f"{outcome.decision_ms:.2f}",
+        "X-Worker-Ms": f"{outcome.worker_ms:.1f}",
+        "X-Transport": outcome.transport,
+        "X-Accel-Buffering": "no",
+    }
+
+
+def log_request(endpoint: str, policy: str, model: str, outcome: Outcome) -> None:
+    """The one line per request, with the cache contents after it."""
+    ts = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    transport = f" transport={outcome.transport}" if outcome.transport else ""
+    log.info("[%s] ts=%s policy=%s model=%s action=%s decision_ms=%.2f worker_ms=%.1f%s cached=[%s] evicted=[%s]",
+             endpoint, ts, policy, model, outcome.action, outcome.decision_ms, outcome.worker_ms, transport,
+             ", ".join(outcome.cached), ", ".join(outcome.evicted))
+
+
+def start_generation(swapper: Swapper, policy: str, endpoint: str, model: str, request: GenerationRequest,
+                     stream_format: str = "text") -> Forward:
+    """Make sure `model` is loaded and start generating; one retry if the worker forgot it."""
+    for attempt in (1, 2):
+        lease = swapper.lease(model)
+        try:
+            upstream = swapper.worker.infer(model, request, stream_format)
+            break
+        except ApiError as err:
+            lease.release()
+            if err.code in STALE_CODES:
+                swapper.mark_stale()
+            # A restarted worker forgets what it had loaded: reconcile and try once more.
+            if err.code != "model_not_loaded" or attempt == 2:
+                raise
+            swapper.worker_lost_model()
+            log.warning("[%s] worker no longer has %s loaded; reconciling and retrying", endpoint, model)
+        except BaseException:
+            lease.release()
+            swapper.mark_stale()
+            raise
+    log_request(endpoint, policy, model, lease.outcome)
+    return Forward(swapper, lease, upstream)

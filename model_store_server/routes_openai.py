@@ -1,0 +1,128 @@
+"""An OpenAI-compatible face on the store: /v1/models, /v1/completions, /v1/chat/completions.
+
+The same swap path as /user_request (the cache headers are set here too); the worker streams
+ndjson events, which become server-sent events (`data: {json}` ... `data: [DONE]`) or one JSON
+body. Tool calls, n > 1, logprobs and the like are refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Iterator
+
+from flask import Blueprint, Response, current_app, jsonify
+
+from model_store_server.forwarding import Forward, start_generation
+from model_swap.errors import ApiError
+from model_swap.names import check_model_name
+from model_swap.web import json_body, parse_generation
+
+bp = Blueprint("openai", __name__, url_prefix="/v1")
+# Parameters that would change the answer's meaning: refused unless given their neutral value.
+NEUTRAL = {"n": (None, 1), "best_of": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0),
+           "echo": (None, False), "suffix": (None,), "stop": (None, [], ""), "tools": (None, []),
+           "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+           "response_format": (None, {"type": "text"})}
+
+
+def _events(forward: Forward) -> Iterator[dict]:
+    """The worker's ndjson events as dicts."""
+    buffer = b""
+    for chunk in forward.chunks():
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _usage(summary: dict) -> dict | None:
+    if summary.get("prompt_tokens") is None:
+        return None
+    prompt, completion = summary["prompt_tokens"], summary["completion_tokens"]
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _choice(chat: bool, text: str | None, finish_reason: str | None, stream: bool) -> dict:
+    choice: dict = {"index": 0, "finish_reason": finish_reason}
+    if not chat:
+        choice.update(text=text or "", logprobs=None)
+    elif stream:
+        choice["delta"] = {"content": text} if text is not None else {}
+    else:
+        choice["message"] = {"role": "assistant", "content": text or ""}
+    return choice
+
+
+def _generate(chat: bool):
+    body = json_body()
+    for key, neutral in NEUTRAL.items():
+        if body.get(key) not in neutral:
+            raise ApiError(400, "unsupported_parameter", f"{key}={body.get(key)!r} is not supported by model-swap")
+    if not chat and not isinstance(body.get("prompt"), str):
+        raise ApiError(400, "invalid_request", "prompt must be one string")
+    request = parse_generation(body, chat=chat)
+    model = check_model_name(body.get("model"))
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ApiError(400, "invalid_request", "stream must be true or false")
+    store = current_app.extensions["store"]
+    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+    forward = start_generation(store["swapper"], store["config"].cache_policy, endpoint, model, request, "ndjson")
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    base = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model}
+
+    if not stream:
+        try:
+            texts, summary = [], {}
+            for event in _events(forward):
+                if "text" in event:
+                    texts.append(event["text"])
+                else:
+                    summary = event
+        finally:
+            forward.close()
+        body = dict(base, choices=[_choice(chat, "".join(texts), summary.get("finish_reason"), False)])
+        if (usage := _usage(summary)) is not None:
+            body["usage"] = usage
+        return forward.attach(jsonify(body))
+
+    chunk_base = dict(base, object="chat.completion.chunk" if chat else "text_completion")
+
+    def sse() -> Iterator[str]:
+        if chat:
+            first = dict(chunk_base, choices=[dict(_choice(True, None, None, True), delta={"role": "assistant"})])
+            yield f"data: {json.dumps(first)}\n\n"
+        for event in _events(forward):
+            if "text" in event:
+                yield f"data: {json.dumps(dict(chunk_base, choices=[_choice(chat, event['text'], None, True)]))}\n\n"
+            else:
+                last = dict(chunk_base, choices=[_choice(chat, None if chat else '', event.get('finish_reason'), True)])
+                yield f"data: {json.dumps(last)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return forward.attach(Response(sse(), mimetype="text/event-stream"))
+
+
+@bp.post("/completions")
+def completions():
+    """OpenAI completions: {"model", "prompt", "max_tokens", "temperature", "stream"}."""
+    return _generate(chat=False)
+
+
+@bp.post("/chat/completions")
+def chat_completions():
+    """OpenAI chat completions: {"model", "messages", "max_tokens", "temperature", "stream"}."""
+    return _generate(chat=True)
+
+
+@bp.get("/models")
+def list_models():
+    """The store's models, in OpenAI's list shape."""
+    models = current_app.extensions["store"]["swapper"].catalog.list()
+    return jsonify({"object": "list", "data": [
+        {"id": m.name, "object": "model", "created": int(m.path.stat().st_mtime), "owned_by": "model-swap"}
+        for m in models]})
