@@ -140,15 +140,17 @@ class ModelCache:
                            f"{free} bytes free on the cache disk; need {size or 0} plus {self.reserve_disk_bytes} reserved")
 
     def receive(self, name: str, blocks: Iterable[bytes], size: int | None = None,
-                sha256: str | None = None) -> Receipt:
+                sha256: str | None = None, *, partial_prefix: str = PARTIAL_PREFIX) -> Receipt:
         """Stream blocks into a temp file, verify them, then publish under `name` atomically."""
         final = self.path_for(name)
+        if not partial_prefix.startswith(PARTIAL_PREFIX) or "/" in partial_prefix:
+            raise ValueError(f"temporary files must start with {PARTIAL_PREFIX} and stay in the cache directory")
         if size is not None and size < 0:
             raise ApiError(400, "invalid_request", "size must not be negative")
         self.check_room(size)
         started = time.perf_counter()
         with _disk_full_as_507():
-            fd, tmp_name = tempfile.mkstemp(prefix=PARTIAL_PREFIX, dir=self.root)
+            fd, tmp_name = tempfile.mkstemp(prefix=partial_prefix, dir=self.root)
         tmp = Path(tmp_name)
         try:
             with _disk_full_as_507(), os.fdopen(fd, "wb", buffering=0) as f:

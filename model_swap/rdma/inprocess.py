@@ -4,8 +4,10 @@ It keeps the rules of an RC queue pair that the protocol depends on, and fails l
 verbs channel would fail: a SEND lands in the oldest receive buffer the peer has posted, in order;
 a SEND when the peer has none posted fails (verbs: an RNR error), as does one longer than the
 buffer (verbs: a local length error); a broken link lets messages already delivered be read, then
-fails every call. What it does not model: memory registration, copies (this one copies each
-message), completion latency, and the GIL-holding blocking calls of pyverbs.
+fails every recv, and loses every SEND without an error (verbs posts it, and fails it only once
+its retries run out, seconds later: by then the end has read what was delivered). What it does
+not model: memory registration, copies (this one copies each message), completion latency, and
+the GIL-holding blocking calls of pyverbs.
 """
 
 from __future__ import annotations
@@ -75,8 +77,9 @@ class InProcessChannel:
         """Copy buffer[:length] into the peer's oldest posted receive buffer."""
         peer = self.peer
         with self._link.lock:
-            if self._link.broken:
-                raise transfer_failed("connection broken off")
+            if self._link.broken:  # lost: recv is where this end learns the link is down
+                self._free.append(buffer)
+                return
             if not peer._posted:
                 raise transfer_failed("receiver not ready: the peer has no receive buffer posted "
                                       "(a flow-control bug; verbs would fail with an RNR error)")

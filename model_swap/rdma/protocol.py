@@ -13,6 +13,7 @@ Every message is one SEND into one receive buffer the peer posted earlier, and s
                                        <-    CREDIT seq=n (n buffers reposted)
     END {size, sha256 of what was sent} ->
                                        <-    RESULT {ok, size, sha256} or {ok: false, code, message}
+    ABORT {message}                    ->    (instead of DATA or END: the sender gave up, and says why)
 """
 
 from __future__ import annotations
@@ -40,8 +41,13 @@ HEADER = struct.Struct("!4sBBHII")
 CONTROL_SIZE = 4096
 CONTROL_DEPTH = 8
 DEFAULT_CHUNK = 1 << 20
-DEFAULT_DEPTH = 8
-DEFAULT_TIMEOUT_S = 120.0
+# Six buffers of a chunk plus header (257 pages each) and the control buffers pin ~6.1 MiB per side,
+# inside the 8 MiB RLIMIT_MEMLOCK most Linux systems give a non-root process; eight would not fit.
+DEFAULT_DEPTH = 6
+DEFAULT_TIMEOUT_S = 120.0  # the sender's wait for a credit or RESULT: the worker may be writing, fsyncing
+# The receiver's wait for the sender's next message: the sender only reads its file, so a silence this
+# long means it is gone (nothing reports a vanished peer on a queue pair in the sync rdma_cm mode).
+DEFAULT_IDLE_TIMEOUT_S = 30.0
 _SEQ_MASK = 0xFFFFFFFF
 _HEX = frozenset("0123456789abcdef")
 
@@ -68,9 +74,10 @@ class ChannelSpec:
     recv_depth: int
 
     @classmethod
-    def for_sender(cls, chunk: int = DEFAULT_CHUNK, depth: int = DEFAULT_DEPTH) -> "ChannelSpec":
+    def for_sender(cls, chunk: int = DEFAULT_CHUNK, depth: int = DEFAULT_DEPTH,
+                   control_depth: int = CONTROL_DEPTH) -> "ChannelSpec":
         """Chunk-sized send buffers, small receive buffers for control messages."""
-        return cls(HEADER.size + chunk, depth, CONTROL_SIZE, CONTROL_DEPTH)
+        return cls(HEADER.size + chunk, depth, CONTROL_SIZE, control_depth)
 
     @classmethod
     def for_receiver(cls, chunk: int = DEFAULT_CHUNK, depth: int = DEFAULT_DEPTH) -> "ChannelSpec":
@@ -160,6 +167,7 @@ class _SenderState:
         self.credit_waits = 0
         self.ready: dict | None = None
         self.result: dict | None = None
+        self.aborted = False
 
     def drain(self, timeout_s: float) -> bool:
         """Handle every control message that has arrived, waiting up to timeout_s for the first."""
@@ -175,9 +183,14 @@ class _SenderState:
         return got
 
     def _handle(self, message: Message) -> None:
-        if message.kind is Kind.CREDIT:
+        if message.kind is Kind.CREDIT and self.ready is not None:
+            # More credits than READY granted would let a SEND meet an empty receive queue: fail
+            # here, clearly, rather than in RNR retries on the wire.
+            if self.credits + message.seq > self.ready["credits"]:
+                raise transfer_failed(f"the receiver returned more credits than it granted "
+                                      f"({self.credits} + {message.seq} > {self.ready['credits']})")
             self.credits += message.seq
-        elif message.kind is Kind.READY:
+        elif message.kind is Kind.READY and self.ready is None:
             ready = message.body()
             if not (_whole(ready.get("credits"), 1) and _whole(ready.get("chunk"), 1)):
                 raise transfer_failed(f"malformed READY message: {ready}")
@@ -205,6 +218,24 @@ class _SenderState:
             self.credit_waits += 1
             self.wait_until("credit", lambda: self.credits > 0)
         self.credits -= 1
+
+    def abort(self, message: str, buffer: Buffer | None = None) -> None:
+        """Tell the receiver, once and best effort, why the transfer is off (`buffer`: its credit is spent).
+
+        Without a free credit and send buffer the receiver learns of the end from its idle timeout.
+        """
+        if self.aborted or self.result is not None:
+            return
+        self.aborted = True
+        try:
+            if buffer is None:
+                if self.credits < 1:
+                    return
+                buffer = self.channel.send_buffer(0)
+                self.credits -= 1
+            self.channel.send(buffer, _frame(buffer, Kind.ABORT, body={"message": message[:500]}))
+        except ApiError as err:
+            log.debug("[rdma] could not tell the receiver the transfer is off: %s", err.message)
 
     def peer_error(self) -> PeerError | None:
         """A RESULT error that already arrived: it says better than a broken channel what went wrong."""
@@ -242,10 +273,7 @@ def _send_chunks(state: _SenderState, f: BinaryIO, path: Path, size: int, chunk:
         except OSError as err:
             problem = f"reading {path} failed: {err}"
         if problem:  # spend the credit we hold on telling the receiver why
-            try:
-                channel.send(buffer, _frame(buffer, Kind.ABORT, body={"message": problem}))
-            except ApiError:
-                pass
+            state.abort(problem, buffer)
             raise transfer_failed(problem)
         hasher.update(body)
         HEADER.pack_into(buffer.view, 0, MAGIC, VERSION, Kind.DATA, 0, seq & _SEQ_MASK, want)
@@ -277,7 +305,13 @@ def send_file(channel: Channel, name: str, path: Path, size: int, sha256: str, *
     except PeerError:
         raise
     except ApiError as err:
-        raise (state.peer_error() or err) from None
+        failure = state.peer_error() or err
+        if failure is err:  # the receiver does not know yet: spare it the wait for a sender gone quiet
+            state.abort(err.message)
+        raise failure from None
+    except Exception as err:
+        state.abort(f"the sender failed: {err.__class__.__name__}")
+        raise
     finally:
         f.close()
     return SendReport(size, digest, chunk, chunks, state.credit_waits, time.perf_counter() - started, state.result)
@@ -287,7 +321,7 @@ def _expect(channel: Channel, timeout_s: float) -> Message:
     """The next message from the sender, or rdma_transfer_failed after timeout_s of silence."""
     buffer = channel.recv(timeout_s)
     if buffer is None:
-        raise transfer_failed(f"no message from the sender for {timeout_s:.0f}s")
+        raise transfer_failed(f"no message from the sender for {timeout_s:g}s")
     return parse(buffer)
 
 
@@ -350,7 +384,7 @@ def _report(channel: Channel, body: dict, timeout_s: float) -> None:
 
 
 def receive_file(channel: Channel, sink: ModelSink, *, token: str | None = None,
-                 timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
+                 timeout_s: float = DEFAULT_IDLE_TIMEOUT_S) -> Any:
     """Serve one transfer on a connected channel: land the file through sink.receive and report back."""
     try:
         opened = _expect(channel, timeout_s)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import mmap
 import os
+import resource
 import sys
 import time
 from collections import deque
@@ -71,9 +73,28 @@ def claim_stdout() -> TextIO:
 
 
 def _conn_param(pv: SimpleNamespace) -> object:
-    # 7 = the most transport retries, and RNR retries without limit: credits already keep every
-    # SEND within posted receives, so an RNR wait can only be a short race, never a dead peer.
-    return pv.ConnParam(retry=7, rnr_retry=7)
+    # retry=7: the most transport retries. rnr_retry=6, not 7, which would retry without end: credits
+    # keep every SEND within posted receives, so an RNR is a flow-control bug, to fail on, not to wait out.
+    return pv.ConnParam(retry=7, rnr_retry=6)
+
+
+def pinned_bytes(spec: ChannelSpec, page: int = mmap.PAGESIZE) -> int:
+    """The memory registering spec's buffers locks: each is its own page-aligned, whole-page registration."""
+    return page * (-(-spec.send_size // page) * spec.send_depth + -(-spec.recv_size // page) * spec.recv_depth)
+
+
+def _setup_error(pv: SimpleNamespace, err: Exception, code: str, what: str, spec: ChannelSpec) -> ApiError:
+    """The ApiError for a queue pair that could not be set up; ENOMEM is almost always RLIMIT_MEMLOCK."""
+    if getattr(err, "error_code", None) == errno.ENOMEM:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft / 2**20:g} MiB"
+        return ApiError(502, "rdma_unavailable",
+                        f"{what}: out of locked memory ({err}); the buffers pin {pinned_bytes(spec) / 2**20:.1f} MiB "
+                        f"and RLIMIT_MEMLOCK is {limit}: raise it (ulimit -l; LimitMEMLOCK= in a systemd unit; "
+                        "--ulimit memlock=-1 for a container)")
+    if not isinstance(err, (ApiError, pv.PyverbsError)):
+        log.error("[rdma] %s unexpectedly", what, exc_info=err)
+    return ApiError(502, code, f"{what}: {err.message if isinstance(err, ApiError) else err}")
 
 
 class Region:
@@ -137,17 +158,24 @@ class VerbsChannel:
         self._cmid = cmid
         self.connected = False  # set by connect()/accept(); only a connected id may be disconnected
         self._closed = False
-        self._sends = _CompletionQueue(pv, cmid.context, spec.send_depth)
-        self._recvs = _CompletionQueue(pv, cmid.context, spec.recv_depth)
-        cap = pv.QPCap(max_send_wr=spec.send_depth, max_recv_wr=spec.recv_depth, max_send_sge=1, max_recv_sge=1)
-        cmid.create_qp(pv.QPInitAttr(qp_type=pv.e.IBV_QPT_RC, scq=self._sends.cq, rcq=self._recvs.cq, cap=cap,
-                                     sq_sig_all=1))
-        self._free = deque(Region(cmid.reg_msgs(spec.send_size), spec.send_size) for _ in range(spec.send_depth))
+        self._sends = self._recvs = None
+        self._free: deque[Region] = deque()
         self._in_flight: deque[Region] = deque()
         self._posted: deque[Region] = deque()
         self._arrived: deque[Region] = deque()
-        for _ in range(spec.recv_depth):  # posted before connecting, so the peer's first SEND fits
-            self.repost(Region(cmid.reg_msgs(spec.recv_size), spec.recv_size))
+        try:
+            self._sends = _CompletionQueue(pv, cmid.context, spec.send_depth)
+            self._recvs = _CompletionQueue(pv, cmid.context, spec.recv_depth)
+            cap = pv.QPCap(max_send_wr=spec.send_depth, max_recv_wr=spec.recv_depth, max_send_sge=1, max_recv_sge=1)
+            cmid.create_qp(pv.QPInitAttr(qp_type=pv.e.IBV_QPT_RC, scq=self._sends.cq, rcq=self._recvs.cq, cap=cap,
+                                         sq_sig_all=1))
+            for _ in range(spec.send_depth):
+                self._free.append(Region(cmid.reg_msgs(spec.send_size), spec.send_size))
+            for _ in range(spec.recv_depth):  # posted before connecting, so the peer's first SEND fits
+                self.repost(Region(cmid.reg_msgs(spec.recv_size), spec.recv_size))
+        except BaseException:
+            self.close()  # whatever was built: the CMID (its QP and MRs with it) and the CQs
+            raise
 
     def _reap_sends(self, timeout_s: float) -> None:
         for _ in self._sends.take(timeout_s):
@@ -206,8 +234,9 @@ class VerbsChannel:
                 pass
         # A sync rdma_disconnect waits for the DISCONNECTED event, which never comes for an id that
         # was refused or never connected. The QP goes with the CMID, before its CQs; it frees the MRs.
-        steps = (self._cmid.disconnect,) if self.connected else ()
-        for step in (*steps, self._cmid.close, self._sends.cq.close, self._recvs.cq.close):
+        steps = [self._cmid.disconnect] if self.connected else []
+        steps += [self._cmid.close, *(q.cq.close for q in (self._sends, self._recvs) if q is not None)]
+        for step in steps:
             try:
                 step()
             except self._pv.PyverbsError as err:
@@ -224,13 +253,12 @@ def connect(host: str, port: int, spec: ChannelSpec) -> VerbsChannel:
     except pv.PyverbsError as err:
         raise ApiError(502, "rdma_connect_failed", f"no RDMA route to {where}: {err}") from None
     try:
-        channel = VerbsChannel(pv, cmid, spec)
-    except pv.PyverbsError as err:
-        cmid.close()
-        raise ApiError(502, "rdma_unavailable", f"setting up a queue pair for {where} failed: {err}") from None
+        channel = VerbsChannel(pv, cmid, spec)  # closes the CMID if it fails
+    except Exception as err:
+        raise _setup_error(pv, err, "rdma_unavailable", f"setting up a queue pair for {where} failed", spec) from None
     try:
         cmid.connect(_conn_param(pv))
-    except pv.PyverbsError as err:
+    except Exception as err:
         channel.close()
         if getattr(err, "error_code", None) == errno.ECONNREFUSED:
             raise ApiError(502, "rdma_connect_failed", f"RDMA connection to {where} refused: is the worker's "
@@ -263,15 +291,15 @@ class VerbsListener:
             conn = self._cmid.get_request()
         except pv.PyverbsError as err:
             raise ApiError(502, "rdma_connect_failed", f"connection request failed: {err}") from None
-        channel = None
         try:
-            channel = VerbsChannel(pv, conn, self._spec)
+            channel = VerbsChannel(pv, conn, self._spec)  # closes the request's CMID if it fails
+        except Exception as err:
+            raise _setup_error(pv, err, "rdma_connect_failed", "setting up a queue pair for a connection failed",
+                               self._spec) from None
+        try:
             conn.accept(_conn_param(pv))
-        except pv.PyverbsError as err:
-            if channel is not None:
-                channel.close()
-            else:
-                conn.close()
+        except Exception as err:
+            channel.close()
             raise ApiError(502, "rdma_connect_failed", f"accepting a connection failed: {err}") from None
         channel.connected = True
         return channel

@@ -15,8 +15,10 @@ from inference_worker.storage import ModelCache
 from inference_worker.testing.tiny_gguf import write_tiny_gguf
 from model_swap.digest import sha256_file
 from model_swap.errors import ApiError
+from model_swap.rdma import transfer_failed
 from model_swap.rdma.inprocess import InProcessChannel
-from model_swap.rdma.protocol import CONTROL_DEPTH, HEADER, MAGIC, VERSION, ChannelSpec, Kind, receive_file, send_file
+from model_swap.rdma.protocol import (CONTROL_DEPTH, HEADER, MAGIC, VERSION, ChannelSpec, Kind, parse, receive_file,
+                                      send_file)
 
 TIMEOUT_S = 5.0
 
@@ -34,11 +36,11 @@ class Outcome:
 
 
 def transfer(sink, path: Path, name: str = "tiny.gguf", *, chunk: int = 4096, depth: int = 4,
-             receiver_chunk: int | None = None, size: int | None = None, sha256: str | None = None,
-             break_after: int | None = None, token: str | None = None, sender_token: str | None = None,
-             timeout_s: float = TIMEOUT_S) -> Outcome:
+             control_depth: int = CONTROL_DEPTH, receiver_chunk: int | None = None, size: int | None = None,
+             sha256: str | None = None, break_after: int | None = None, token: str | None = None,
+             sender_token: str | None = None, timeout_s: float = TIMEOUT_S) -> Outcome:
     """Run receive_file on a thread and send_file here, over a fresh loopback pair."""
-    sender, receiver = InProcessChannel.pair(ChannelSpec.for_sender(chunk, depth),
+    sender, receiver = InProcessChannel.pair(ChannelSpec.for_sender(chunk, depth, control_depth),
                                              ChannelSpec.for_receiver(receiver_chunk or chunk, depth),
                                              break_after=break_after)
     outcome = Outcome(sender, receiver)
@@ -82,16 +84,41 @@ def cache_files(cache: ModelCache) -> list[str]:
     return sorted(p.name for p in cache.root.iterdir())
 
 
-@pytest.mark.parametrize("chunk", [1000, 4093, 65536, 1 << 20])
-def test_real_gguf_lands_in_the_cache_byte_for_byte(cache: ModelCache, model: Path, chunk: int) -> None:
+def post(channel: InProcessChannel, kind: Kind, seq: int = 0, body: dict | None = None) -> None:
+    """Send one hand-made message, as a misbehaving peer would."""
+    payload = json.dumps(body).encode() if body is not None else b""
+    buffer = channel.send_buffer(0)
+    HEADER.pack_into(buffer.view, 0, MAGIC, VERSION, kind, 0, seq, len(payload))
+    buffer.view[HEADER.size:HEADER.size + len(payload)] = payload
+    channel.send(buffer, HEADER.size + len(payload))
+
+
+def credit_messages(depth: int, control_depth: int, chunks: int) -> int:
+    """How many CREDITs the receiver sends: one per full batch, a batch sized so they fit the sender's ring."""
+    return chunks // -(-depth // (control_depth - 1))
+
+
+# (chunk, depth, control depth): odd chunk sizes, the defaults (6 and 8: batches of 1), batches of
+# 2 (8, 8) and 4 (8, 3), and the smallest control ring (2: one CREDIT for all the credits at once).
+TRANSFERS = [(1000, 4, 8), (4093, 6, 8), (65536, 4, 8), (1 << 20, 4, 8), (3001, 8, 8), (4093, 8, 2),
+             (1000, 8, 3), (777, 3, 2), (5003, 16, 2), (65521, 16, 5)]
+
+
+@pytest.mark.parametrize("chunk, depth, control_depth", TRANSFERS)
+def test_real_gguf_lands_in_the_cache_byte_for_byte(cache: ModelCache, model: Path, chunk: int, depth: int,
+                                                    control_depth: int) -> None:
     size = model.stat().st_size
     assert chunk >= size or size % chunk, "want chunk sizes that leave a short last chunk"
-    outcome = transfer(cache, model, chunk=chunk)
+    outcome = transfer(cache, model, chunk=chunk, depth=depth, control_depth=control_depth)
     assert outcome.sender_error is None and outcome.receiver_error is None
     assert (cache.root / "tiny.gguf").read_bytes() == model.read_bytes()
     assert outcome.receipt.sha256 == sha256_file(model) == outcome.report.sha256
-    assert outcome.report.chunks == math.ceil(size / chunk)
+    chunks = math.ceil(size / chunk)
+    assert outcome.report.chunks == chunks
     assert outcome.report.receiver["ok"] is True
+    # READY, the CREDITs, RESULT: a batch too small would overrun the sender's control ring (the
+    # loopback pair fails such a SEND), one too large would send fewer CREDITs than counted here.
+    assert outcome.receiver.messages_sent == 2 + credit_messages(depth, control_depth, chunks)
     assert cache_files(cache) == ["tiny.gguf"]
     assert [m.name for m in cache.list()] == ["tiny.gguf"]
 
@@ -122,15 +149,16 @@ class SlowSink:
         return self.cache.receive(name, late(), size, sha256)
 
 
-def test_credits_limit_the_chunks_in_flight(cache: ModelCache, model: Path) -> None:
-    depth = 3
-    outcome = transfer(SlowSink(cache, 0.002), model, chunk=8192, depth=depth)
+@pytest.mark.parametrize("depth, control_depth", [(3, 8), (8, 8), (8, 2), (6, 3)])
+def test_credits_limit_the_chunks_in_flight(cache: ModelCache, model: Path, depth: int, control_depth: int) -> None:
+    outcome = transfer(SlowSink(cache, 0.002), model, chunk=8192, depth=depth, control_depth=control_depth)
     assert outcome.sender_error is None and outcome.receiver_error is None
     # The loopback pair fails any SEND without a posted receive, as verbs would (RNR): that the
     # transfer finished means credits never let the sender overrun; the peak shows they were all used.
     assert outcome.receiver.peak_in_use == depth
     assert outcome.report.credit_waits > 0
-    assert outcome.sender.peak_in_use <= CONTROL_DEPTH  # CREDIT messages never overrun the sender either
+    chunks = math.ceil(model.stat().st_size / 8192)
+    assert outcome.receiver.messages_sent == 2 + credit_messages(depth, control_depth, chunks)
     assert (cache.root / "tiny.gguf").read_bytes() == model.read_bytes()
 
 
@@ -201,12 +229,8 @@ def test_silent_sender_times_out_and_leaves_no_file(cache: ModelCache, model: Pa
 
     thread = threading.Thread(target=serve)
     thread.start()
-    body = json.dumps({"name": "tiny.gguf", "size": model.stat().st_size, "sha256": sha256_file(model),
-                       "control_depth": CONTROL_DEPTH}).encode()
-    buffer = sender.send_buffer(0)
-    HEADER.pack_into(buffer.view, 0, MAGIC, VERSION, Kind.OPEN, 0, 0, len(body))
-    buffer.view[HEADER.size:HEADER.size + len(body)] = body
-    sender.send(buffer, HEADER.size + len(body))  # OPEN, then nothing more: a stuck sender
+    post(sender, Kind.OPEN, body={"name": "tiny.gguf", "size": model.stat().st_size, "sha256": sha256_file(model),
+                                  "control_depth": CONTROL_DEPTH})  # OPEN, then nothing more: a stuck sender
     thread.join(5)
     assert errors and errors[0].code == "rdma_transfer_failed"
     assert cache_files(cache) == []
@@ -217,7 +241,48 @@ def test_shrinking_file_is_aborted_by_the_sender(cache: ModelCache, model: Path)
     assert outcome.sender_error.code == "rdma_transfer_failed"
     assert "shrank" in outcome.sender_error.message
     assert outcome.receiver_error.code == "rdma_transfer_failed"
+    assert "sender aborted" in outcome.receiver_error.message and "shrank" in outcome.receiver_error.message
     assert cache_files(cache) == []
+
+
+def test_a_sender_failing_mid_transfer_tells_the_receiver(cache: ModelCache, model: Path, monkeypatch) -> None:
+    from model_swap.rdma import protocol
+
+    reads = 0
+    read_into = protocol._read_into
+
+    def failing_read(f, view):
+        nonlocal reads
+        reads += 1
+        if reads == 3:
+            raise transfer_failed("the store's disk went away")
+        return read_into(f, view)
+
+    monkeypatch.setattr(protocol, "_read_into", failing_read)
+    started = time.monotonic()
+    outcome = transfer(cache, model, timeout_s=30)
+    assert outcome.sender_error.code == outcome.receiver_error.code == "rdma_transfer_failed"
+    assert outcome.receiver_error.message == "sender aborted: the store's disk went away"
+    assert time.monotonic() - started < 10  # told at once, not left to its 30 s timeout
+    assert cache_files(cache) == []
+
+
+def test_credits_beyond_the_grant_fail_the_sender_which_aborts(model: Path) -> None:
+    sender, receiver = InProcessChannel.pair(ChannelSpec.for_sender(4096, 4), ChannelSpec.for_receiver(4096, 4))
+    # Queued before the sender starts, so it reads both at once: two credits granted, then one more
+    # returned though nothing was sent. With more credits than posted receives, a SEND could meet
+    # an empty receive queue: the sender must stop, not rely on RNR retries.
+    post(receiver, Kind.READY, body={"credits": 2, "chunk": 4096})
+    post(receiver, Kind.CREDIT, seq=1)
+    with pytest.raises(ApiError) as caught:
+        send_file(sender, "tiny.gguf", model, model.stat().st_size, sha256_file(model), timeout_s=TIMEOUT_S)
+    assert caught.value.code == "rdma_transfer_failed"
+    assert "more credits than it granted" in caught.value.message
+    arrived = []
+    while (buffer := receiver.recv(0)) is not None:
+        arrived.append(parse(buffer))
+    assert arrived[-1].kind is Kind.ABORT and Kind.DATA not in [m.kind for m in arrived]
+    assert "more credits than it granted" in arrived[-1].body()["message"]
 
 
 def test_empty_file_travels_but_is_refused_as_not_gguf(cache: ModelCache, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import ctypes
 import errno
 import fcntl
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ from model_store_server.catalog import StoredModel
 from model_store_server.rdma_transport import RdmaTransport
 from model_swap.digest import sha256_file
 from model_swap.errors import ApiError
+from model_swap.testing import free_port  # rdma_cm ports share the TCP/IP port numbers
 
 REPO = Path(__file__).resolve().parents[2]
 HAS_PYVERBS = importlib.util.find_spec("pyverbs") is not None
@@ -58,13 +61,6 @@ pyverbs_without_device = pytest.mark.skipif(not HAS_PYVERBS or bool(DEVICES),
 without_device = pytest.mark.skipif(bool(DEVICES), reason="an RDMA device is present")
 with_device = pytest.mark.skipif(not DEVICES, reason="needs pyverbs and an RDMA device: "
                                  + ("pyverbs is not installed" if not HAS_PYVERBS else "get_device_list() finds none"))
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (rdma_cm ports share the TCP/IP port numbers)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stored(path: Path, sha256: str | None = None) -> StoredModel:
@@ -184,16 +180,20 @@ def test_store_transport_survives_a_dead_helper(model: Path, monkeypatch) -> Non
         transport.close()
 
 
-@pyverbs_without_device
-def test_listener_helper_without_device_exits_unavailable(tmp_path: Path) -> None:
-    from inference_worker.rdma_listener import EXIT_UNAVAILABLE
+@without_device
+def test_listener_helper_without_device_clears_old_partials_and_exits_unavailable(tmp_path: Path) -> None:
+    from inference_worker.rdma_listener import EXIT_UNAVAILABLE, RDMA_PARTIAL_PREFIX
 
+    (tmp_path / (RDMA_PARTIAL_PREFIX + "left-by-a-killed-helper")).write_bytes(b"GGUF")
+    (tmp_path / ".incoming-http-upload").write_bytes(b"GGUF")  # the worker's own: not the helper's to delete
     done = subprocess.run([sys.executable, "-m", "inference_worker.rdma_listener", "--cache-dir", str(tmp_path),
                            "--host", "127.0.0.1", "--port", str(free_port()), "--max-model-bytes", "1000000",
                            "--reserve-disk-bytes", "0", "--parent-pid", str(os.getpid())],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == EXIT_UNAVAILABLE
-    assert "no RDMA device" in done.stderr
+    assert [json.loads(line)["code"] for line in done.stdout.splitlines()] == ["rdma_unavailable"]
+    assert ("no RDMA device" if HAS_PYVERBS else "pyverbs is not installed") in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".incoming-http-upload"]
 
 
 def test_listener_supervisor_counts_what_the_helper_reports(tmp_path: Path) -> None:
@@ -211,6 +211,7 @@ def test_listener_supervisor_counts_what_the_helper_reports(tmp_path: Path) -> N
     listener.start()
     listener._thread.join(10)
     assert not listener._thread.is_alive()  # "unavailable" is not restarted
+    assert listener.enabled is False and "status 3" in listener.reason
     sample = metrics.registry.get_sample_value
     assert sample("worker_model_receives_total", {"result": "ok"}) == 1
     assert sample("worker_model_receives_total", {"result": "error"}) == 1
@@ -233,6 +234,78 @@ def test_listener_supervisor_restarts_a_crashed_helper(tmp_path: Path) -> None:
     listener._thread.join(15)
     assert runs.read_text() == "xx"  # crashed once, restarted, then reported unavailable
     listener.stop()
+
+
+def test_listener_supervisor_retries_a_helper_that_cannot_listen_yet(tmp_path: Path, monkeypatch) -> None:
+    from inference_worker.metrics import WorkerMetrics
+    from inference_worker.rdma_listener import EXIT_RETRY, RdmaListener
+    from inference_worker.storage import ModelCache
+
+    monkeypatch.setattr(RdmaListener, "first_restart_delay_s", 0.05)
+    runs = tmp_path / "runs"
+    listener = RdmaListener(WorkerConfig(cache_dir=tmp_path / "cache", rdma_port=free_port()),
+                            ModelCache(tmp_path / "cache", 1 << 30, 0), WorkerMetrics())
+    # First run: the address is in use, try later. Second run: listening, until stopped.
+    script = "\n".join([
+        "import json, pathlib, sys, time",
+        f"p = pathlib.Path({str(runs)!r}); p.write_text(p.read_text() + 'x' if p.exists() else 'x')",
+        "if len(p.read_text()) == 1:",
+        "    print(json.dumps({'event': 'not_listening', 'code': 'rdma_unavailable', 'message': 'in use'}))",
+        f"    sys.exit({EXIT_RETRY})",
+        "print(json.dumps({'event': 'listening', 'devices': ['x']}), flush=True)",
+        "time.sleep(60)"])
+    listener._argv = [sys.executable, "-c", script]
+    assert listener.enabled is False
+    listener.start()
+    deadline = time.monotonic() + 15
+    while not listener.enabled and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert listener.enabled and runs.read_text() == "xx"
+    listener.stop()
+    assert listener.enabled is False
+
+
+def test_rdma_temp_files_have_their_own_prefix(tmp_path: Path) -> None:
+    from inference_worker.rdma_listener import RDMA_PARTIAL_PREFIX, RdmaCacheSink
+    from inference_worker.storage import ModelCache
+
+    cache = ModelCache(tmp_path / "cache", 1 << 30, 0)
+    seen: list[list[str]] = []
+
+    def blocks():
+        yield b"GGUF" + bytes(1000)
+        seen.append([p.name for p in cache.root.iterdir()])
+        yield bytes(1000)
+
+    receipt = RdmaCacheSink(cache).receive("a.gguf", blocks(), 2004, None)
+    assert receipt.size == 2004
+    assert len(seen[0]) == 1 and seen[0][0].startswith(RDMA_PARTIAL_PREFIX)
+    assert [p.name for p in cache.root.iterdir()] == ["a.gguf"]
+
+
+def test_sigterm_mid_transfer_leaves_no_temp_file(tmp_path: Path) -> None:
+    cache_dir = tmp_path / "cache"
+    script = "\n".join([
+        "import sys, time",
+        "from inference_worker.rdma_listener import RdmaCacheSink, exit_on_sigterm",
+        "from inference_worker.storage import ModelCache",
+        "exit_on_sigterm()",
+        "def blocks():",
+        "    yield b'GGUF' + bytes(4096)",
+        "    print('receiving', flush=True)",
+        "    time.sleep(60)",
+        "    yield b''",
+        f"RdmaCacheSink(ModelCache({str(cache_dir)!r}, 1 << 30, 0)).receive('a.gguf', blocks(), None, None)"])
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "receiving\n"
+        assert len(list(cache_dir.iterdir())) == 1  # the temporary file, mid-transfer
+        proc.terminate()  # what the worker's stop() and the parent-death signal send
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert list(cache_dir.iterdir()) == []
 
 
 def _device_ipv4(device: str) -> str | None:
@@ -305,8 +378,11 @@ def test_no_listener_is_rdma_connect_failed(model: Path) -> None:
 
 # ---- verbs.py's own logic, over a fake of the pyverbs calls it makes ----------------------------------
 # The fake follows the pyverbs 56.0 signatures verbs.py uses (CMID, CQ.poll, MR.buf, WC fields) and the
-# RC rules (receives consumed in posting order, completions in order, flushes after a disconnect). It
-# checks our bookkeeping (buffers matched to completions, credits, close order, error codes), not pyverbs.
+# RC rules as hardware keeps them: receives consumed in posting order, completions in order; a SEND
+# nobody acknowledges fails once the retries run out (RETRY_EXC) and puts that end's QP in the error
+# state, which flushes its posted receives; rdma_disconnect does that to its own end only. Nothing
+# flushes the peer's receives: in the sync rdma_cm mode nobody reads its DISCONNECTED event. It checks
+# our bookkeeping (buffers matched to completions, credits, close order, error codes), not pyverbs.
 
 class FakeError(Exception):
     def __init__(self, message: str, error_code: int = 0):
@@ -350,18 +426,25 @@ class FakeAddrInfo:
     flags: int = 0
 
 
+FLUSH, RETRY_EXC, RNR_RETRY_EXC = 5, 12, 13
+
+
 class FakeCMID:
+    created: list = []
     listeners: dict = {}
     lock = threading.Lock()
     sends_before_cable_pull: int | None = None
+    registration_error: int | None = None  # errno for reg_msgs to fail with
+    post_recv_error: bool = False
 
     def __init__(self, creator=None):
         self.info, self.context, self.dev_name = creator, object(), "fake0"
         self.peer: FakeCMID | None = None
         self.posted: deque = deque()
         self.requests: queue.Queue = queue.Queue()
-        self.accepted = threading.Event()
-        self.connected = self.closed = False
+        self.settled = threading.Event()
+        self.connected = self.closed = self.in_error = False
+        FakeCMID.created.append(self)
 
     def listen(self, backlog=0):
         FakeCMID.listeners[(self.info.src, self.info.src_service)] = self
@@ -373,61 +456,77 @@ class FakeCMID:
         self.send_cq, self.recv_cq = attr.scq, attr.rcq
 
     def reg_msgs(self, size):
+        if FakeCMID.registration_error is not None:
+            raise FakeError("Failed to register a MR", FakeCMID.registration_error)
         return FakeMR(size)
 
     def post_recv(self, mr):
-        self.posted.append(mr)
+        if FakeCMID.post_recv_error:
+            raise FakeError("Failed to Post Receive", errno.EINVAL)
+        if self.in_error:
+            self.recv_cq.entries.append(FakeWC(FLUSH))
+        else:
+            self.posted.append(mr)
 
     def post_send(self, mr, flags, length):
         with FakeCMID.lock:
             if FakeCMID.sends_before_cable_pull is not None:
                 FakeCMID.sends_before_cable_pull -= 1
-                if FakeCMID.sends_before_cable_pull < 0:
-                    self._drop()
-            peer = self.peer
-            if peer is None or peer.peer is None:
+                if FakeCMID.sends_before_cable_pull < 0 and self.peer is not None:
+                    self.peer.peer = self.peer = None  # no flush anywhere: the ends just stop hearing each other
+            if self.in_error:
                 self.send_cq.entries.append(FakeWC(FLUSH))
-                return
-            if not peer.posted:  # RNR: credits exist so this never happens
-                self.send_cq.entries.append(FakeWC(13))
-                return
-            target = peer.posted.popleft()
-            ctypes.memmove(target.buf, mr.buf, length)
-            peer.recv_cq.entries.append(FakeWC(0, length))
-            self.send_cq.entries.append(FakeWC(0, length))
+            elif self.peer is None:  # nobody acknowledges
+                self._fail(RETRY_EXC)
+            elif not self.peer.posted:  # credits exist so this never happens; rnr_retry < 7 makes it fail
+                self._fail(RNR_RETRY_EXC)
+            else:
+                target = self.peer.posted.popleft()
+                ctypes.memmove(target.buf, mr.buf, length)
+                self.peer.recv_cq.entries.append(FakeWC(0, length))
+                self.send_cq.entries.append(FakeWC(0, length))
+
+    def _fail(self, status: int) -> None:
+        """A failed SEND: its error completion, then the QP in error flushes the receives posted on it."""
+        self.send_cq.entries.append(FakeWC(status))
+        self._to_error()
+
+    def _to_error(self) -> None:
+        self.in_error = True
+        for _ in self.posted:
+            self.recv_cq.entries.append(FakeWC(FLUSH))
+        self.posted.clear()
 
     def connect(self, param):
+        assert param["rnr_retry"] < 7, "rnr_retry=7 retries without end: a flow-control bug would hang"
         listener = FakeCMID.listeners.get((self.info.dst, self.info.dst_service))
         if listener is None:
             raise FakeError("Failed to Connect", errno.ECONNREFUSED)
         conn = FakeCMID()
         conn.peer, self.peer = self, conn
         listener.requests.put(conn)
-        assert conn.accepted.wait(10)
+        assert conn.settled.wait(10)
+        if not conn.connected:  # the listener closed the request instead of accepting it: a reject
+            self.peer = None
+            raise FakeError("Failed to Connect", errno.ECONNREFUSED)
         self.connected = True
 
     def accept(self, param):
         self.connected = True
-        self.accepted.set()
-
-    def _drop(self):
-        for end in (self, self.peer):
-            if end is not None and end.peer is not None:
-                for _ in end.posted:
-                    end.recv_cq.entries.append(FakeWC(FLUSH))
-                end.posted.clear()
-                end.peer = None
+        self.settled.set()
 
     def disconnect(self):
         assert self.connected, "a sync disconnect of an id that never connected would wait forever"
         with FakeCMID.lock:
-            self._drop()
+            self._to_error()  # this end's QP only; the peer hears of it from its next SEND, or not at all
+            if self.peer is not None:
+                self.peer.peer = self.peer = None
 
     def close(self):
         self.closed = True
+        self.settled.set()
 
 
-FLUSH = 5
 FAKE_PYVERBS = SimpleNamespace(
     ce=SimpleNamespace(RDMA_PS_TCP=262, RAI_PASSIVE=1),
     e=SimpleNamespace(IBV_QPT_RC=2, IBV_WC_SUCCESS=0, IBV_WC_WR_FLUSH_ERR=FLUSH, IBV_SEND_SIGNALED=2),
@@ -441,13 +540,16 @@ def fake_pyverbs(monkeypatch):
     from model_swap.rdma import verbs
 
     monkeypatch.setattr(verbs, "load_pyverbs", lambda: FAKE_PYVERBS)
+    monkeypatch.setattr(FakeCMID, "created", [])
     monkeypatch.setattr(FakeCMID, "listeners", {})
     monkeypatch.setattr(FakeCMID, "sends_before_cable_pull", None)
+    monkeypatch.setattr(FakeCMID, "registration_error", None)
+    monkeypatch.setattr(FakeCMID, "post_recv_error", False)
     return verbs
 
 
-def _fake_transfer(verbs, cache_dir: Path, model: Path, sha256: str | None = None):
-    """A listener thread and a sender here, over the fake; returns (sender error, receiver error)."""
+def _fake_transfer(verbs, cache_dir: Path, model: Path, sha256: str | None = None, timeout_s: float = 5):
+    """A listener thread and a sender here, over the fake; returns (sender error, receiver error, sender channel)."""
     from inference_worker.storage import ModelCache
     from model_swap.rdma.protocol import ChannelSpec, receive_file, send_file
 
@@ -458,7 +560,7 @@ def _fake_transfer(verbs, cache_dir: Path, model: Path, sha256: str | None = Non
     def serve() -> None:
         channel = listener.accept()
         try:
-            receive_file(channel, cache, timeout_s=5)
+            receive_file(channel, cache, timeout_s=timeout_s)
         except ApiError as err:
             errors["receiver"] = err
         finally:
@@ -468,12 +570,13 @@ def _fake_transfer(verbs, cache_dir: Path, model: Path, sha256: str | None = Non
     thread.start()
     channel = verbs.connect("10.0.0.2", 7471, ChannelSpec.for_sender(4000, 4))
     try:
-        send_file(channel, model.name, model, model.stat().st_size, sha256 or sha256_file(model), timeout_s=5)
+        send_file(channel, model.name, model, model.stat().st_size, sha256 or sha256_file(model), timeout_s=timeout_s)
     except ApiError as err:
         errors["sender"] = err
     finally:
         channel.close()
     thread.join(10)
+    assert not thread.is_alive(), "the receiver did not finish"
     return errors.get("sender"), errors.get("receiver"), channel
 
 
@@ -491,9 +594,47 @@ def test_verbs_digest_mismatch_over_fake_pyverbs(fake_pyverbs, model: Path, tmp_
 
 
 def test_verbs_cable_pull_over_fake_pyverbs(fake_pyverbs, model: Path, tmp_path: Path) -> None:
+    # Nothing is flushed: whichever end SENDs next fails when its retries run out; an end waiting to
+    # hear (the receiver for DATA, the sender for a credit) learns only from its own timeout.
     FakeCMID.sends_before_cable_pull = 30
-    sender_error, receiver_error, _ = _fake_transfer(fake_pyverbs, tmp_path / "cache", model)
+    started = time.monotonic()
+    sender_error, receiver_error, _ = _fake_transfer(fake_pyverbs, tmp_path / "cache", model, timeout_s=0.5)
     assert sender_error.code == receiver_error.code == "rdma_transfer_failed"
+    assert time.monotonic() - started < 4
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_verbs_receiver_outlasts_a_sender_that_vanished_by_its_idle_timeout(fake_pyverbs, tmp_path: Path,
+                                                                             model: Path) -> None:
+    from inference_worker.storage import ModelCache
+    from model_swap.rdma.protocol import HEADER, MAGIC, VERSION, ChannelSpec, Kind, receive_file
+
+    listener = fake_pyverbs.VerbsListener("10.0.0.2", 7471, ChannelSpec.for_receiver(4000, 4))
+    errors: list[ApiError] = []
+
+    def serve() -> None:
+        channel = listener.accept()
+        try:
+            receive_file(channel, ModelCache(tmp_path / "cache", 1 << 30, 0), timeout_s=0.3)
+        except ApiError as err:
+            errors.append(err)
+        finally:
+            channel.close()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    sender = fake_pyverbs.connect("10.0.0.2", 7471, ChannelSpec.for_sender(4000, 4))
+    body = json.dumps({"name": model.name, "size": model.stat().st_size, "sha256": sha256_file(model),
+                       "control_depth": 8}).encode()
+    buffer = sender.send_buffer(1)
+    HEADER.pack_into(buffer.view, 0, MAGIC, VERSION, Kind.OPEN, 0, 0, len(body))
+    buffer.view[HEADER.size:HEADER.size + len(body)] = body
+    sender.send(buffer, HEADER.size + len(body))
+    assert sender.recv(5) is not None  # READY: then the sender disconnects without a word
+    sender.close()
+    thread.join(5)
+    assert errors and errors[0].code == "rdma_transfer_failed"
+    assert "no message from the sender" in errors[0].message  # no flush told it: the idle timeout did
     assert list((tmp_path / "cache").iterdir()) == []
 
 
@@ -504,3 +645,72 @@ def test_verbs_connection_refused_over_fake_pyverbs(fake_pyverbs) -> None:
         fake_pyverbs.connect("10.0.0.9", 7471, ChannelSpec.for_sender())
     assert caught.value.code == "rdma_connect_failed"
     assert "refused" in caught.value.message
+
+
+def test_default_buffers_fit_the_default_memlock_limit() -> None:
+    from model_swap.rdma.protocol import ChannelSpec
+    from model_swap.rdma.verbs import pinned_bytes
+
+    eight_mib = 8 << 20  # RLIMIT_MEMLOCK on most Linux systems, for a process without CAP_IPC_LOCK
+    for spec in (ChannelSpec.for_sender(), ChannelSpec.for_receiver()):
+        assert pinned_bytes(spec, page=4096) <= 0.8 * eight_mib  # room left for the QP and CQs
+        assert pinned_bytes(spec, page=65536) < eight_mib  # 64 KiB pages (some arm64 kernels)
+
+
+def test_out_of_locked_memory_is_rdma_unavailable_with_the_fix(fake_pyverbs) -> None:
+    from model_swap.rdma.protocol import ChannelSpec
+
+    FakeCMID.registration_error = errno.ENOMEM
+    with pytest.raises(ApiError) as caught:
+        fake_pyverbs.connect("10.0.0.2", 7471, ChannelSpec.for_sender())
+    assert caught.value.code == "rdma_unavailable"
+    assert "RLIMIT_MEMLOCK" in caught.value.message and "LimitMEMLOCK" in caught.value.message
+    [cmid] = FakeCMID.created
+    assert cmid.closed and cmid.send_cq.closed and cmid.recv_cq.closed
+
+
+def test_failed_setup_of_an_accepted_connection_closes_it_as_connect_failed(fake_pyverbs) -> None:
+    from model_swap.rdma.protocol import ChannelSpec
+
+    listener = fake_pyverbs.VerbsListener("10.0.0.2", 7471, ChannelSpec.for_receiver(4000, 4))
+    request = FakeCMID()
+    FakeCMID.listeners[("10.0.0.2", "7471")].requests.put(request)
+    FakeCMID.post_recv_error = True  # repost() raises rdma_transfer_failed: not the code for a set-up
+    with pytest.raises(ApiError) as caught:
+        listener.accept()
+    assert caught.value.code == "rdma_connect_failed"
+    assert request.closed and request.send_cq.closed and request.recv_cq.closed
+
+
+def test_unexpected_setup_error_is_an_api_error_and_closes_the_request(fake_pyverbs, monkeypatch) -> None:
+    from model_swap.rdma.protocol import ChannelSpec
+
+    listener = fake_pyverbs.VerbsListener("10.0.0.2", 7471, ChannelSpec.for_receiver(4000, 4))
+    request = FakeCMID()
+    FakeCMID.listeners[("10.0.0.2", "7471")].requests.put(request)
+    monkeypatch.setattr(FakeCMID, "create_qp", lambda self, attr: 1 / 0)
+    with pytest.raises(ApiError) as caught:
+        listener.accept()
+    assert caught.value.code == "rdma_connect_failed"
+    assert request.closed
+
+
+class StubListener:
+    """Stands in for VerbsListener in serve_one: accept() raises what it is given."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def accept(self):
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [ApiError(502, "rdma_connect_failed", "m"), RuntimeError("a pyverbs surprise")])
+def test_listener_survives_a_failed_accept(tmp_path: Path, error: Exception) -> None:
+    from inference_worker.rdma_listener import RdmaCacheSink, serve_one
+    from inference_worker.storage import ModelCache
+
+    events = io.StringIO()
+    sink = RdmaCacheSink(ModelCache(tmp_path / "cache", 1 << 30, 0))
+    assert serve_one(StubListener(error), sink, None, 1.0, events) is False
+    assert events.getvalue() == ""
