@@ -14,6 +14,7 @@ from model_swap.once import Once
 from model_swap.web import GenerationRequest
 
 log = logging.getLogger(__name__)
+MAX_BYTES_PER_TOKEN = 64  # far above any real tokenizer's average, so only hopeless prompts are cut short
 
 
 class FairLock:
@@ -178,7 +179,11 @@ class Generation:
 
     def check_prompt(self, prompt: str) -> None:
         """Refuse a prompt that does not fit the context (llama.cpp would fail mid-response)."""
-        tokens = len(self._llm.tokenize(prompt.encode("utf-8"), add_bos=True))
+        data = prompt.encode("utf-8")
+        # Tokenizing holds the model's turn: refuse without tokenizing what cannot possibly fit.
+        if len(data) > self._n_ctx * MAX_BYTES_PER_TOKEN:
+            raise ApiError(400, "prompt_too_long", f"prompt is {len(data)} bytes; the context holds {self._n_ctx} tokens")
+        tokens = len(self._llm.tokenize(data, add_bos=True))
         if tokens >= self._n_ctx:
             raise ApiError(400, "prompt_too_long", f"prompt is {tokens} tokens; the context holds {self._n_ctx}")
         self.prompt_tokens = tokens

@@ -67,7 +67,12 @@ def _load(name: str) -> dict:
 def load_model_from_store():
     """Receive a model's bytes, cache them, then load the model."""
     body = _receive()
-    body.update(_load(body["name"]))
+    try:
+        body.update(_load(body["name"]))
+    except ApiError as err:
+        if err.code == "load_failed":  # asked to load it: a file that cannot load is no use cached
+            state.cache().delete(body["name"])
+        raise
     return jsonify(body)
 
 

@@ -63,13 +63,13 @@ def cache_headers(outcome: Outcome) -> dict[str, str]:
     }
 
 
-def log_request(endpoint: str, policy: str, model: str, outcome: Outcome) -> None:
-    """The one line per request, with the cache contents after it."""
+def log_request(endpoint: str, policy: str, model: str, outcome: Outcome, error: str | None = None) -> None:
+    """The one line per request, with the cache contents after it (and the error, if the worker refused)."""
     ts = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     transport = f" transport={outcome.transport}" if outcome.transport else ""
-    log.info("[%s] ts=%s policy=%s model=%s action=%s decision_ms=%.2f worker_ms=%.1f%s cached=[%s] evicted=[%s]",
+    log.info("[%s] ts=%s policy=%s model=%s action=%s decision_ms=%.2f worker_ms=%.1f%s cached=[%s] evicted=[%s]%s",
              endpoint, ts, policy, model, outcome.action, outcome.decision_ms, outcome.worker_ms, transport,
-             ", ".join(outcome.cached), ", ".join(outcome.evicted))
+             ", ".join(outcome.cached), ", ".join(outcome.evicted), f" error={error}" if error else "")
 
 
 def start_generation(swapper: Swapper, policy: str, endpoint: str, model: str, request: GenerationRequest,
@@ -82,6 +82,8 @@ def start_generation(swapper: Swapper, policy: str, endpoint: str, model: str, r
             break
         except ApiError as err:
             lease.release()
+            log_request(endpoint, policy, model, lease.outcome, error=err.code)
+            err.headers.update(cache_headers(lease.outcome))  # the swap happened even if generation did not
             if err.code in STALE_CODES:
                 swapper.mark_stale()
             # A restarted worker forgets what it had loaded: reconcile and try once more.

@@ -12,8 +12,10 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*\.gguf")
 
 def check_model_name(name: object) -> str:
     """Return `name` if it is a safe model file name, else raise 400 invalid_model_name."""
-    if not isinstance(name, str) or not name:
+    if name is None or name == "":
         raise ApiError(400, "invalid_model_name", "model name is required")
+    if not isinstance(name, str):
+        raise ApiError(400, "invalid_model_name", "model name must be a string (a .gguf file name)")
     if len(name) > MAX_NAME_LENGTH:
         raise ApiError(400, "invalid_model_name", f"model name longer than {MAX_NAME_LENGTH} characters")
     # The regex forbids separators, a leading dot and anything but a .gguf suffix;

@@ -25,9 +25,14 @@ def install_request_logging(app: Flask, logger: logging.Logger) -> None:
         return response
 
 
+MAX_JSON_BYTES = 4 << 20
+
+
 def json_body() -> dict:
-    """Return the request's JSON object or raise 400 invalid_json."""
-    body = request.get_json(silent=True)
+    """Return the request's JSON object (whatever its Content-Type says) or raise 400 invalid_json."""
+    if (request.content_length or 0) > MAX_JSON_BYTES:
+        raise ApiError(413, "request_too_large", f"JSON bodies are limited to {MAX_JSON_BYTES} bytes")
+    body = request.get_json(force=True, silent=True)
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "request body must be a JSON object")
     return body

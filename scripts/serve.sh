@@ -13,9 +13,26 @@ export MODEL_CACHE_DIR="${MODEL_CACHE_DIR:-$REPO/model_cache}"
 export WORKER_URL="${WORKER_URL:-http://127.0.0.1:$WORKER_PORT}"
 mkdir -p "$REPO/run"
 
+port_in_use() {  # PORT: true if something accepts connections there
+  "$VENV/bin/python" -c 'import socket,sys; s=socket.socket(); sys.exit(0 if s.connect_ex(("127.0.0.1", int(sys.argv[1]))) == 0 else 1)' "$1"
+}
+for spec in "worker:$WORKER_PORT:WORKER_PORT" "store:$STORE_PORT:STORE_PORT"; do
+  IFS=: read -r name port var <<<"$spec"
+  if port_in_use "$port"; then
+    log "port $port (the $name's) is already in use, perhaps by another serve.sh; stop that or set $var"
+    exit 1
+  fi
+done
+
+stop_services() {
+  kill "$WORKER_PID" ${STORE_PID:+"$STORE_PID"} 2>/dev/null || true
+  wait 2>/dev/null || true
+  log "stopped"
+}
 "$VENV/bin/inference-worker" --port "$WORKER_PORT" >"$REPO/run/worker.log" 2>&1 &
 WORKER_PID=$!
-trap 'kill $WORKER_PID ${STORE_PID:-} 2>/dev/null; wait 2>/dev/null; log "stopped"' EXIT INT TERM
+trap stop_services EXIT
+trap 'exit 130' INT TERM
 
 wait_healthy() {  # URL NAME PID LOG
   for _ in $(seq 1 300); do
@@ -46,4 +63,4 @@ Ready. Send your own request:
     -d '{"prompt": "Once upon a time", "model": "gemma-3-270m-q4_k_m.gguf", "max_tokens": 64}'
 Ctrl-C stops both services.
 MSG
-wait "$STORE_PID"
+wait "$STORE_PID" || true

@@ -312,3 +312,20 @@ def test_chat_messages_and_ndjson_events(worker, model_a):
     assert events[-1]["completion_tokens"] == len(events) - 1
     bad = requests.post(worker.url + "/infer", json={"prompt": "x", "messages": [{"role": "user", "content": "y"}]})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
+
+
+def test_upload_that_cannot_load_is_not_kept(worker, model_a):
+    data = model_a.read_bytes()
+    r = _upload(worker.url, "broken.gguf", data[: len(data) // 3], "/load_model_from_store")
+    assert r.status_code == 422 and r.json()["error"]["code"] == "load_failed"
+    assert _files(worker.cache_dir) == []
+
+
+def test_json_without_content_type_and_oversized_bodies(worker, model_a):
+    _upload(worker.url, "a.gguf", model_a.read_bytes(), "/load_model_from_store")
+    r = requests.post(worker.url + "/infer", data='{"prompt": "hi", "max_tokens": 2}')  # form content type
+    assert r.status_code == 200
+    r = requests.post(worker.url + "/infer", data=b'{"prompt": "' + b"x" * (5 << 20) + b'"}')
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = requests.post(worker.url + "/infer", json={"prompt": "word " * 100_000})  # refused before tokenizing
+    assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"

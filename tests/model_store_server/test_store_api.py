@@ -166,6 +166,7 @@ def test_prefetch_caches_without_loading(services, worker, models_dir):
 
 @pytest.mark.parametrize("body,status,code", [
     ({"prompt": "hi"}, 400, "invalid_model_name"),
+    ({"prompt": "hi", "model": 5}, 400, "invalid_model_name"),
     ({"prompt": "hi", "model": "../../etc/passwd"}, 400, "invalid_model_name"),
     ({"prompt": "hi", "model": "a.gguf/x"}, 400, "invalid_model_name"),
     ({"prompt": "", "model": "a.gguf"}, 400, "invalid_request"),
@@ -308,4 +309,5 @@ def test_prompt_too_long_is_a_400_with_its_code(services, models_dir, tmp_path):
     store = services.store(models_dir, worker)
     r = requests.post(store.url + "/user_request", json={"prompt": "word " * 200, "model": "a.gguf"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"
+    assert r.headers["X-Cache-Action"] == "load_from_store"  # the swap it caused is reported
     assert ask(store, "a.gguf")[0] == 200  # the worker still serves
