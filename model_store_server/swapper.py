@@ -180,7 +180,10 @@ class Swapper:
         victims = tuple(v for v in admission.evicted if v != name)
         try:
             self._evict(victims)
-            reused = self._reuse_expired_copy(name, load) if name in admission.evicted else None
+            expired_copy = name in admission.evicted and self._admitted_sha.get(name) == model.sha256
+            if name in admission.evicted and not expired_copy:
+                self._evict((name,))  # an expired copy of an older version of the file: replace it
+            reused = self._reuse_expired_copy(name, load) if expired_copy else None
             if reused:
                 return Outcome(reused, victims, decision_ms, (time.perf_counter() - worker_started) * 1000)
             sent = self.transport.send(model)
@@ -235,6 +238,7 @@ class Swapper:
         for victim in victims:
             started = time.perf_counter()
             self.worker.delete(victim)
+            self._admitted_sha.pop(victim, None)
             if self._loaded == victim:
                 self._loaded = None
             self.metrics.evictions.inc()
