@@ -4,7 +4,8 @@
 - inprocess.py: a loopback pair of channels joined by queues (not RDMA), for tests and docs.
 - verbs.py: the real channel, an RC queue pair set up with rdma_cm through pyverbs (imported lazily).
 
-Nothing in this package imports pyverbs at import time.
+Nothing the services import here imports pyverbs at import time; testing_support.py (tests
+only) looks for devices when imported.
 """
 
 from __future__ import annotations

@@ -1,9 +1,12 @@
-"""The verbs channel: clear errors without pyverbs or without a device, and a transfer over a real device.
+"""The verbs channel: clear errors without pyverbs or without a device, its logic over a fake of pyverbs,
+and a transfer over a real device.
 
 Which tests run depends on the machine: without pyverbs (the project's default install) the
 "not installed" errors are checked for real; with pyverbs but no device (pip install
 pyverbs==56.0rc1 on a kernel without RDMA) the "no device" errors are; with a device (for
 instance Soft-RoCE: rdma link add rxe0 type rxe netdev eth0) a model crosses a real queue pair.
+The worker's listener is tested in tests/inference_worker/test_rdma_listener.py, the store's
+transport in tests/model_store_server/test_rdma_transport.py.
 """
 
 from __future__ import annotations
@@ -11,10 +14,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import importlib.util
-import io
 import json
-import logging
 import os
 import queue
 import socket
@@ -30,47 +30,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from inference_worker import create_app
-from inference_worker.config import WorkerConfig
-from inference_worker.testing.tiny_gguf import write_tiny_gguf
-from model_store_server.catalog import StoredModel
 from model_store_server.rdma_transport import RdmaTransport
 from model_swap.digest import sha256_file
 from model_swap.errors import ApiError
-from model_swap.testing import free_port  # rdma_cm ports share the TCP/IP port numbers
+from model_swap.rdma import testing_support
+from model_swap.rdma.testing_support import (DEVICES, pyverbs_without_device, stored, with_device,
+                                             without_pyverbs)
+from model_swap.testing import REPO, free_port  # rdma_cm ports share the TCP/IP port numbers
 
-REPO = Path(__file__).resolve().parents[2]
-HAS_PYVERBS = importlib.util.find_spec("pyverbs") is not None
-
-
-def _devices() -> list[str]:
-    if not HAS_PYVERBS:
-        return []
-    from model_swap.rdma.verbs import rdma_devices
-
-    try:
-        return rdma_devices()
-    except ApiError:
-        return []
-
-
-DEVICES = _devices()
-without_pyverbs = pytest.mark.skipif(HAS_PYVERBS, reason="pyverbs is installed; this checks the error without it")
-pyverbs_without_device = pytest.mark.skipif(not HAS_PYVERBS or bool(DEVICES),
-                                            reason="needs pyverbs installed and no RDMA device")
-without_device = pytest.mark.skipif(bool(DEVICES), reason="an RDMA device is present")
-with_device = pytest.mark.skipif(not DEVICES, reason="needs pyverbs and an RDMA device: "
-                                 + ("pyverbs is not installed" if not HAS_PYVERBS else "get_device_list() finds none"))
-
-
-def stored(path: Path, sha256: str | None = None) -> StoredModel:
-    return StoredModel(path.name, path, path.stat().st_size, sha256 or sha256_file(path))
-
-
-@pytest.fixture
-def model(tmp_path: Path) -> Path:
-    (tmp_path / "store").mkdir()
-    return write_tiny_gguf(tmp_path / "store" / "tiny.gguf", seed=11)
+model = testing_support.model  # the fixture
 
 
 @without_pyverbs
@@ -95,29 +63,6 @@ def test_verbs_entry_points_without_pyverbs_are_rdma_unavailable() -> None:
         assert caught.value.code == "rdma_unavailable"
 
 
-@without_pyverbs
-def test_store_transport_without_pyverbs_is_rdma_unavailable(model: Path) -> None:
-    with pytest.raises(ApiError) as caught:
-        RdmaTransport("127.0.0.1", free_port()).send(stored(model))
-    assert (caught.value.status, caught.value.code) == (502, "rdma_unavailable")
-    assert "pyverbs" in caught.value.message
-
-
-@without_device
-def test_worker_with_rdma_port_and_no_device_warns_once_and_serves_http(tmp_path: Path, caplog) -> None:
-    caplog.set_level(logging.INFO)
-    config = WorkerConfig(cache_dir=tmp_path / "cache", rdma_port=free_port())
-    app = create_app(config)
-    listener = app.extensions["worker"]["rdma"]
-    assert listener.enabled is False
-    warnings = [r for r in caplog.records
-                if r.name == "inference_worker.rdma_listener" and r.levelno == logging.WARNING]
-    assert len(warnings) == 1
-    assert "rdma_unavailable" in warnings[0].getMessage() and "HTTP" in warnings[0].getMessage()
-    assert app.test_client().get("/health").status_code == 200
-    listener.stop()
-
-
 @pyverbs_without_device
 def test_no_device_is_rdma_unavailable() -> None:
     from model_swap.rdma.verbs import rdma_devices
@@ -126,186 +71,6 @@ def test_no_device_is_rdma_unavailable() -> None:
         rdma_devices()
     assert caught.value.code == "rdma_unavailable"
     assert "no RDMA device" in caught.value.message
-
-
-@pyverbs_without_device
-def test_store_transport_without_device_is_rdma_unavailable(model: Path) -> None:
-    with pytest.raises(ApiError) as caught:
-        RdmaTransport("127.0.0.1", free_port()).send(stored(model))
-    assert (caught.value.status, caught.value.code) == (502, "rdma_unavailable")
-    assert "no RDMA device" in caught.value.message
-
-
-@without_device
-def test_sender_helper_answers_every_job_line(model: Path) -> None:
-    job = {"host": "127.0.0.1", "port": free_port(), "name": model.name, "path": str(model),
-           "size": model.stat().st_size, "sha256": sha256_file(model), "timeout_s": 5}
-    done = subprocess.run([sys.executable, "-m", "model_store_server.rdma_transport"], cwd=REPO, text=True,
-                          input=json.dumps(job) + "\nnot json\n", capture_output=True, timeout=60)
-    answers = [json.loads(line) for line in done.stdout.splitlines()]
-    assert done.returncode == 0
-    assert [(a["ok"], a["code"]) for a in answers] == [(False, "rdma_unavailable"), (False, "rdma_transfer_failed")]
-    assert "bad job" in answers[1]["message"]
-
-
-@without_device
-def test_store_transport_relays_the_helpers_answer(model: Path, monkeypatch) -> None:
-    # Past the in-process check, the real helper runs and answers; without a device it cannot connect.
-    monkeypatch.setattr(RdmaTransport, "_check_available", staticmethod(lambda: None))
-    transport = RdmaTransport("127.0.0.1", free_port())
-    try:
-        for _ in range(2):  # the second send reuses the helper
-            with pytest.raises(ApiError) as caught:
-                transport.send(stored(model))
-            assert (caught.value.status, caught.value.code) == (502, "rdma_unavailable")
-        helper = transport._helper
-        assert helper is not None and helper.poll() is None
-    finally:
-        transport.close()
-    assert helper.poll() is not None
-
-
-@without_device
-def test_store_transport_survives_a_dead_helper(model: Path, monkeypatch) -> None:
-    monkeypatch.setattr(RdmaTransport, "_check_available", staticmethod(lambda: None))
-    transport = RdmaTransport("127.0.0.1", free_port())
-    transport._helper = subprocess.Popen([sys.executable, "-c", "pass"], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, text=True)
-    transport._helper.wait()
-    try:
-        with pytest.raises(ApiError) as caught:
-            transport.send(stored(model))  # the dead helper is replaced by a fresh one, which answers
-        assert caught.value.code == "rdma_unavailable"
-    finally:
-        transport.close()
-
-
-@without_device
-def test_listener_helper_without_device_clears_old_partials_and_exits_unavailable(tmp_path: Path) -> None:
-    from inference_worker.rdma_listener import EXIT_UNAVAILABLE, RDMA_PARTIAL_PREFIX
-
-    (tmp_path / (RDMA_PARTIAL_PREFIX + "left-by-a-killed-helper")).write_bytes(b"GGUF")
-    (tmp_path / ".incoming-http-upload").write_bytes(b"GGUF")  # the worker's own: not the helper's to delete
-    done = subprocess.run([sys.executable, "-m", "inference_worker.rdma_listener", "--cache-dir", str(tmp_path),
-                           "--host", "127.0.0.1", "--port", str(free_port()), "--max-model-bytes", "1000000",
-                           "--reserve-disk-bytes", "0", "--parent-pid", str(os.getpid())],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert done.returncode == EXIT_UNAVAILABLE
-    assert [json.loads(line)["code"] for line in done.stdout.splitlines()] == ["rdma_unavailable"]
-    assert ("no RDMA device" if HAS_PYVERBS else "pyverbs is not installed") in done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".incoming-http-upload"]
-
-
-def test_listener_supervisor_counts_what_the_helper_reports(tmp_path: Path) -> None:
-    from inference_worker.metrics import WorkerMetrics
-    from inference_worker.rdma_listener import EXIT_UNAVAILABLE, RdmaListener
-    from inference_worker.storage import ModelCache
-
-    cache, metrics = ModelCache(tmp_path / "cache", 1 << 30, 0), WorkerMetrics()
-    listener = RdmaListener(WorkerConfig(cache_dir=tmp_path / "cache", rdma_port=free_port()), cache, metrics)
-    events = [{"event": "listening", "devices": ["x"]}, {"event": "received", "name": "a.gguf", "size": 5},
-              {"event": "failed", "code": "digest_mismatch", "message": "m"}, {"no": "event"}]
-    script = "; ".join(["import json, sys", *(f"print(json.dumps({e!r}))" for e in events),
-                        "print('not json')", f"sys.exit({EXIT_UNAVAILABLE})"])
-    listener._argv = [sys.executable, "-c", script]  # a stand-in helper: same pipe, same exit codes
-    listener.start()
-    listener._thread.join(10)
-    assert not listener._thread.is_alive()  # "unavailable" is not restarted
-    assert listener.enabled is False and "status 3" in listener.reason
-    sample = metrics.registry.get_sample_value
-    assert sample("worker_model_receives_total", {"result": "ok"}) == 1
-    assert sample("worker_model_receives_total", {"result": "error"}) == 1
-    assert sample("worker_model_bytes_received_total") == 5
-    listener.stop()
-
-
-def test_listener_supervisor_restarts_a_crashed_helper(tmp_path: Path) -> None:
-    from inference_worker.metrics import WorkerMetrics
-    from inference_worker.rdma_listener import EXIT_UNAVAILABLE, RdmaListener
-    from inference_worker.storage import ModelCache
-
-    runs = tmp_path / "runs"
-    listener = RdmaListener(WorkerConfig(cache_dir=tmp_path / "cache", rdma_port=free_port()),
-                            ModelCache(tmp_path / "cache", 1 << 30, 0), WorkerMetrics())
-    script = (f"import sys, pathlib; p = pathlib.Path({str(runs)!r}); p.write_text(p.read_text() + 'x' "
-              f"if p.exists() else 'x'); sys.exit(1 if len(p.read_text()) < 2 else {EXIT_UNAVAILABLE})")
-    listener._argv = [sys.executable, "-c", script]
-    listener.start()
-    listener._thread.join(15)
-    assert runs.read_text() == "xx"  # crashed once, restarted, then reported unavailable
-    listener.stop()
-
-
-def test_listener_supervisor_retries_a_helper_that_cannot_listen_yet(tmp_path: Path, monkeypatch) -> None:
-    from inference_worker.metrics import WorkerMetrics
-    from inference_worker.rdma_listener import EXIT_RETRY, RdmaListener
-    from inference_worker.storage import ModelCache
-
-    monkeypatch.setattr(RdmaListener, "first_restart_delay_s", 0.05)
-    runs = tmp_path / "runs"
-    listener = RdmaListener(WorkerConfig(cache_dir=tmp_path / "cache", rdma_port=free_port()),
-                            ModelCache(tmp_path / "cache", 1 << 30, 0), WorkerMetrics())
-    # First run: the address is in use, try later. Second run: listening, until stopped.
-    script = "\n".join([
-        "import json, pathlib, sys, time",
-        f"p = pathlib.Path({str(runs)!r}); p.write_text(p.read_text() + 'x' if p.exists() else 'x')",
-        "if len(p.read_text()) == 1:",
-        "    print(json.dumps({'event': 'not_listening', 'code': 'rdma_unavailable', 'message': 'in use'}))",
-        f"    sys.exit({EXIT_RETRY})",
-        "print(json.dumps({'event': 'listening', 'devices': ['x']}), flush=True)",
-        "time.sleep(60)"])
-    listener._argv = [sys.executable, "-c", script]
-    assert listener.enabled is False
-    listener.start()
-    deadline = time.monotonic() + 15
-    while not listener.enabled and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert listener.enabled and runs.read_text() == "xx"
-    listener.stop()
-    assert listener.enabled is False
-
-
-def test_rdma_temp_files_have_their_own_prefix(tmp_path: Path) -> None:
-    from inference_worker.rdma_listener import RDMA_PARTIAL_PREFIX, RdmaCacheSink
-    from inference_worker.storage import ModelCache
-
-    cache = ModelCache(tmp_path / "cache", 1 << 30, 0)
-    seen: list[list[str]] = []
-
-    def blocks():
-        yield b"GGUF" + bytes(1000)
-        seen.append([p.name for p in cache.root.iterdir()])
-        yield bytes(1000)
-
-    receipt = RdmaCacheSink(cache).receive("a.gguf", blocks(), 2004, None)
-    assert receipt.size == 2004
-    assert len(seen[0]) == 1 and seen[0][0].startswith(RDMA_PARTIAL_PREFIX)
-    assert [p.name for p in cache.root.iterdir()] == ["a.gguf"]
-
-
-def test_sigterm_mid_transfer_leaves_no_temp_file(tmp_path: Path) -> None:
-    cache_dir = tmp_path / "cache"
-    script = "\n".join([
-        "import sys, time",
-        "from inference_worker.rdma_listener import RdmaCacheSink, exit_on_sigterm",
-        "from inference_worker.storage import ModelCache",
-        "exit_on_sigterm()",
-        "def blocks():",
-        "    yield b'GGUF' + bytes(4096)",
-        "    print('receiving', flush=True)",
-        "    time.sleep(60)",
-        "    yield b''",
-        f"RdmaCacheSink(ModelCache({str(cache_dir)!r}, 1 << 30, 0)).receive('a.gguf', blocks(), None, None)"])
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout.readline() == "receiving\n"
-        assert len(list(cache_dir.iterdir())) == 1  # the temporary file, mid-transfer
-        proc.terminate()  # what the worker's stop() and the parent-death signal send
-        assert proc.wait(10) == 0
-    finally:
-        proc.kill()
-        proc.wait()
-    assert list(cache_dir.iterdir()) == []
 
 
 def _device_ipv4(device: str) -> str | None:
@@ -693,24 +458,3 @@ def test_unexpected_setup_error_is_an_api_error_and_closes_the_request(fake_pyve
         listener.accept()
     assert caught.value.code == "rdma_connect_failed"
     assert request.closed
-
-
-class StubListener:
-    """Stands in for VerbsListener in serve_one: accept() raises what it is given."""
-
-    def __init__(self, error: Exception):
-        self.error = error
-
-    def accept(self):
-        raise self.error
-
-
-@pytest.mark.parametrize("error", [ApiError(502, "rdma_connect_failed", "m"), RuntimeError("a pyverbs surprise")])
-def test_listener_survives_a_failed_accept(tmp_path: Path, error: Exception) -> None:
-    from inference_worker.rdma_listener import RdmaCacheSink, serve_one
-    from inference_worker.storage import ModelCache
-
-    events = io.StringIO()
-    sink = RdmaCacheSink(ModelCache(tmp_path / "cache", 1 << 30, 0))
-    assert serve_one(StubListener(error), sink, None, 1.0, events) is False
-    assert events.getvalue() == ""
