@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from flask import current_app
 
-from inference_worker.config import WorkerConfig
 from inference_worker.engine import Engine
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.storage import ModelCache
@@ -20,7 +19,3 @@ def engine() -> Engine:
 
 def metrics() -> WorkerMetrics:
     return current_app.extensions["worker"]["metrics"]
-
-
-def config() -> WorkerConfig:
-    return current_app.extensions["worker"]["config"]
