@@ -1,4 +1,4 @@
-"""The model store server: owns the GGUF files, decides the worker's cache, forwards requests."""
+"""The model store server: owns the GGUF files, decides the worker's disk and memory, forwards requests."""
 
 from __future__ import annotations
 
@@ -6,27 +6,20 @@ import logging
 
 from flask import Flask
 
-from model_store_server.catalog import Catalog
 from model_store_server.config import StoreConfig
-from model_store_server.metrics import StoreMetrics
-from model_store_server.policy import build_policy
-from model_store_server.swapper import Swapper
-from model_store_server.transport import build_transport
-from model_store_server.worker_client import WorkerClient
+from model_store_server.core import build_core
+from model_store_server.transport import Transport
 from model_swap.errors import ApiError, register_error_handlers
 from model_swap.web import install_request_logging
 
 log = logging.getLogger("model_store_server")
 
 
-def create_app(config: StoreConfig) -> Flask:
-    """Build the store app; its state lives in app.extensions["store"]."""
+def create_app(config: StoreConfig, worker=None, transport: Transport | None = None) -> Flask:
+    """Build the store app; its state lives in app.extensions["store"]. Tests pass a fake worker."""
     app = Flask(__name__)
-    worker = WorkerClient(config.worker_url, config.worker_token, config.worker_timeout_s)
-    metrics = StoreMetrics()
-    policy = build_policy(config.cache_policy, config.max_cache_size, config.max_cache_bytes, config.ttl_seconds)
-    swapper = Swapper(Catalog(config.models_dir), policy, worker, build_transport(config, worker), metrics)
-    app.extensions["store"] = {"config": config, "swapper": swapper, "metrics": metrics}
+    core = build_core(config, worker, transport)
+    app.extensions["store"] = {"config": config, "core": core}
     register_error_handlers(app)
     install_request_logging(app, log)
 
@@ -37,9 +30,11 @@ def create_app(config: StoreConfig) -> Flask:
     app.register_blueprint(routes_admin.bp)
     if config.reconcile_on_start:
         try:
-            swapper.reconcile()
+            core.reconcile()
         except ApiError as err:
             log.warning("worker not reconciled at start-up (%s); will retry on the next request", err.message)
-    log.info("store ready: models=%s policy=%s worker=%s transport=%s", swapper.catalog.root,
-             config.cache_policy, config.worker_url, config.transport)
+    core.start()
+    log.info("store ready: models=%s policy=%s worker=%s transport=%s keep_alive=%ss pinned=[%s] preload=[%s]",
+             core.catalog.root, config.cache_policy, config.worker_url, config.transport, config.keep_alive_seconds,
+             ", ".join(config.pinned_models), ", ".join(config.preload_models))
     return app

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from model_swap.config import ConfigError, parse_number, parse_optional_number
+from model_swap.errors import ApiError
+from model_swap.names import check_model_name
 
 POLICIES = ("lru", "no-evict", "ttl", "lru-ttl")
 TRANSPORTS = ("http", "rdma")
@@ -35,6 +37,13 @@ class StoreConfig:
     worker_timeout_s: float = 600.0
     reconcile_on_start: bool = True
     log_level: str = "INFO"
+    # The memory tier and the request gates (see docs/architecture.md).
+    keep_alive_seconds: float = 300.0  # idle time before a model is unloaded; < 0 never, 0 at once
+    max_swap_wait_ms: int = 2000  # how long requests for a swap's victims may overtake it
+    pinned_models: tuple[str, ...] = ()
+    preload_models: tuple[str, ...] = ()
+    max_queue: int = 64  # requests waiting per model before 429 queue_full
+    queue_timeout_s: float = 300.0  # longest wait before 503 queue_timeout
 
     def __post_init__(self) -> None:
         if self.cache_policy not in POLICIES:
@@ -54,6 +63,21 @@ class StoreConfig:
             raise ConfigError(f"WORKER_URL must start with http:// or https://, got {self.worker_url!r}")
         if self.threads < 1:
             raise ConfigError("threads must be at least 1")
+        if self.max_swap_wait_ms < 0:
+            raise ConfigError(f"MAX_SWAP_WAIT_MS must not be negative, got {self.max_swap_wait_ms}")
+        if self.max_queue < 1:
+            raise ConfigError(f"MAX_QUEUE must be at least 1, got {self.max_queue}")
+        if self.queue_timeout_s <= 0:
+            raise ConfigError(f"QUEUE_TIMEOUT_S must be positive, got {self.queue_timeout_s}")
+        for label, names in (("PINNED_MODELS", self.pinned_models), ("PRELOAD_MODELS", self.preload_models)):
+            for name in names:
+                try:
+                    check_model_name(name)
+                except ApiError as err:
+                    raise ConfigError(f"{label}: {err.message}") from None
+        if len(self.pinned_models) >= self.max_cache_size and self.cache_policy != "ttl":
+            raise ConfigError(f"PINNED_MODELS ({len(self.pinned_models)}) must leave room in MAX_CACHE_SIZE="
+                              f"{self.max_cache_size} for other models")
 
 
 def load_store_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> StoreConfig:
@@ -76,6 +100,12 @@ def load_store_config(argv: Sequence[str] | None = None, env: Mapping[str, str] 
     p.add_argument("--port", default=env.get("STORE_PORT", str(d.port)))
     p.add_argument("--threads", default=env.get("STORE_THREADS", str(d.threads)))
     p.add_argument("--log-level", default=env.get("LOG_LEVEL", d.log_level))
+    p.add_argument("--keep-alive-seconds", default=env.get("KEEP_ALIVE_SECONDS", str(d.keep_alive_seconds)))
+    p.add_argument("--max-swap-wait-ms", default=env.get("MAX_SWAP_WAIT_MS", str(d.max_swap_wait_ms)))
+    p.add_argument("--pinned-models", default=env.get("PINNED_MODELS", ""), help="comma-separated")
+    p.add_argument("--preload-models", default=env.get("PRELOAD_MODELS", ""), help="comma-separated")
+    p.add_argument("--max-queue", default=env.get("MAX_QUEUE", str(d.max_queue)))
+    p.add_argument("--queue-timeout-s", default=env.get("QUEUE_TIMEOUT_S", str(d.queue_timeout_s)))
     a = p.parse_args(argv)
     return StoreConfig(
         models_dir=Path(a.models_dir),
@@ -93,4 +123,15 @@ def load_store_config(argv: Sequence[str] | None = None, env: Mapping[str, str] 
         port=parse_number(a.port, "port"),
         threads=parse_number(a.threads, "threads"),
         log_level=a.log_level,
+        keep_alive_seconds=parse_number(a.keep_alive_seconds, "KEEP_ALIVE_SECONDS", float),
+        max_swap_wait_ms=parse_number(a.max_swap_wait_ms, "MAX_SWAP_WAIT_MS"),
+        pinned_models=_name_list(a.pinned_models),
+        preload_models=_name_list(a.preload_models),
+        max_queue=parse_number(a.max_queue, "MAX_QUEUE"),
+        queue_timeout_s=parse_number(a.queue_timeout_s, "QUEUE_TIMEOUT_S", float),
     )
+
+
+def _name_list(value: str) -> tuple[str, ...]:
+    """A comma-separated list of model names, without blanks or repeats, in order."""
+    return tuple(dict.fromkeys(part.strip() for part in value.split(",") if part.strip()))

@@ -10,6 +10,7 @@ Not thread-safe: the owner holds a lock around every call.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -58,8 +59,10 @@ class Admission:
 class CachePolicy:
     """Which models live on the worker's disk; values are model sizes in bytes."""
 
-    def __init__(self, name: str, cache: cachetools.Cache, max_count: float, max_bytes: int | None):
+    def __init__(self, name: str, cache: cachetools.Cache, max_count: float, max_bytes: int | None,
+                 timer: Callable[[], float] = time.monotonic):
         self.name = name
+        self._timer = timer
         self._cache = cache
         self._max_count = max_count
         self._max_bytes = max_bytes
@@ -67,6 +70,11 @@ class CachePolicy:
         # Expired entries (name -> size) whose files are still on the worker: evicted at the
         # next admission. For ttl caches this is the dict the cache itself records its sweeps in.
         self._pending: dict[str, int] = cache.swept if self._timed else {}
+
+    @property
+    def timed(self) -> bool:
+        """Whether entries expire with time (ttl, lru-ttl)."""
+        return self._timed
 
     def _frozen_time(self):
         """Hold the ttl clock still for a compound step, so nothing expires half-way through it."""
@@ -147,6 +155,17 @@ class CachePolicy:
         self._cache.clear()
         self._pending.clear()
 
+    def expired(self) -> list[str]:
+        """Entries that have expired but are still listed (their files await the sweep); timed policies only."""
+        with self._frozen_time():
+            if self._timed:
+                self._cache.expire()
+            return list(self._pending)
+
+    def copy(self) -> "CachePolicy":
+        """An independent copy on the same clock, to try a decision without changing this one."""
+        return copy.deepcopy(self, {id(self._timer): self._timer})
+
 
 def build_policy(policy: str, max_count: int, max_bytes: int | None = None, ttl_seconds: float | None = None,
                  timer: Callable[[], float] = time.monotonic) -> CachePolicy:
@@ -165,4 +184,4 @@ def build_policy(policy: str, max_count: int, max_bytes: int | None = None, ttl_
         bound = max_count
     else:
         raise ValueError(f"unknown cache policy {policy!r}")
-    return CachePolicy(policy, cache, bound, max_bytes)
+    return CachePolicy(policy, cache, bound, max_bytes, timer)

@@ -46,8 +46,10 @@ class RdmaTransport:
         self._lock = threading.Lock()  # one send at a time through the helper
         self._helper: subprocess.Popen | None = None
 
-    def send(self, model: StoredModel) -> Sent:
-        """Send one model through the helper; raise ApiError(502, rdma_* or the worker's code) on failure."""
+    def send(self, model: StoredModel, progress=None) -> Sent:
+        """Send one model through the helper; raise ApiError(502, rdma_* or the worker's code) on failure.
+
+        The helper process reports only at the end, so progress hears of the whole file then."""
         self._check_available()
         job = {"host": self.host, "port": self.port, "name": model.name, "path": str(model.path),
                "size": model.size, "sha256": model.sha256, "timeout_s": self.timeout_s}
@@ -57,6 +59,8 @@ class RdmaTransport:
         seconds = time.perf_counter() - started
         if not result.get("ok"):
             raise ApiError(502, str(result.get("code", "rdma_transfer_failed")), str(result.get("message", "")))
+        if progress is not None:
+            progress(model.size)
         log.info("[rdma] sent %s (%d bytes) in %.1fms, %.1fms of it moving bytes (%.2f GB/s)", model.name,
                  model.size, seconds * 1000, result["seconds"] * 1000,
                  model.size / result["seconds"] / 1e9 if result["seconds"] else 0.0)

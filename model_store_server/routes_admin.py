@@ -1,14 +1,14 @@
-"""Admin: reset the worker's cache, prefetch a model; listing, health and metrics."""
+"""Admin: reset, prefetch, unload and evict models; listing, events, health and metrics."""
 
 from __future__ import annotations
 
 import logging
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from model_store_server.swapper import Swapper
-from model_swap.errors import ApiError
+from model_store_server import state
+from model_store_server.events import sse_frames
 from model_swap.names import check_model_name
 from model_swap.web import json_body
 
@@ -16,14 +16,10 @@ bp = Blueprint("admin", __name__)
 log = logging.getLogger(__name__)
 
 
-def _swapper() -> Swapper:
-    return current_app.extensions["store"]["swapper"]
-
-
 @bp.post("/admin/reset")
 def reset():
     """Unload and delete everything on the worker; empty the policy."""
-    outcome = _swapper().reset()
+    outcome = state.core().reset()
     return jsonify({"status": "reset", "deleted": list(outcome.evicted)})
 
 
@@ -31,42 +27,73 @@ def reset():
 def prefetch():
     """Put a model in the worker's cache without loading it."""
     name = check_model_name(json_body().get("model"))
-    outcome = _swapper().prefetch(name)
+    outcome = state.core().prefetch(name)
     log.info("[/admin/prefetch] model=%s action=%s evicted=[%s] cached=[%s]", name, outcome.action,
              ", ".join(outcome.evicted), ", ".join(outcome.cached))
-    return jsonify({"model": name, "action": outcome.action, "evicted": list(outcome.evicted),
+    return jsonify({"model": name, "action": outcome.action, "evicted": outcome.evicted,
                     "cached": outcome.cached, "transport": outcome.transport})
+
+
+def _unload(evict: bool):
+    name = check_model_name(json_body().get("model"))
+    outcome = state.core().unload(name, evict=evict)
+    endpoint = "/admin/evict" if evict else "/admin/unload"
+    log.info("[%s] model=%s unloaded=[%s] evicted=[%s] cached=[%s] loaded=[%s]", endpoint, name,
+             ", ".join(outcome.unloaded), ", ".join(outcome.evicted), ", ".join(outcome.cached),
+             ", ".join(outcome.loaded))
+    return jsonify({"model": name, "unloaded": outcome.unloaded, "evicted": outcome.evicted,
+                    "cached": outcome.cached, "loaded": outcome.loaded})
+
+
+@bp.post("/admin/unload")
+def admin_unload():
+    """Unload a model from the worker's memory once its streams end; its file stays cached."""
+    return _unload(evict=False)
+
+
+@bp.post("/admin/evict")
+def admin_evict():
+    """Unload a model (once its streams end) and delete its file from the worker's disk."""
+    return _unload(evict=True)
 
 
 @bp.get("/models")
 def models():
-    """The store's models and what the worker holds."""
-    swapper = _swapper()
-    config = current_app.extensions["store"]["config"]
-    try:
-        worker = swapper.worker.state()
-        worker_view = {"reachable": True, "loaded": worker.loaded, "cached": [c["name"] for c in worker.cached]}
-    except ApiError:
-        worker_view = {"reachable": False, "loaded": None, "cached": []}
+    """The store's models, what it believes each worker holds, and what the worker says it holds."""
+    core, config = state.core(), state.config()
+    workers = core.view()
+    mine = workers[0]
+    worker_view = core.worker_reports()[0]
     return jsonify({
-        "models": [m.to_json() for m in swapper.catalog.list()],
-        "policy": {"name": config.cache_policy, "cached": swapper.cached(), "loaded": swapper.loaded(),
+        "models": [m.to_json() for m in core.catalog.list()],
+        "policy": {"name": config.cache_policy, "cached": mine["cached"], "loaded": [m["name"] for m in mine["loaded"]],
                    "max_cache_size": config.max_cache_size, "max_cache_bytes": config.max_cache_bytes,
                    "ttl_seconds": config.ttl_seconds},
+        "memory": {**mine["memory"], "loaded": mine["loaded"], "keep_alive_seconds": config.keep_alive_seconds,
+                   "pinned": list(config.pinned_models)},
+        "in_flight": mine["in_flight"],
+        "gates": mine["gates"],
         "worker": worker_view,
-        "scheduler": swapper.scheduler.snapshot(),
+        "workers": workers,
     })
+
+
+@bp.get("/events")
+def events():
+    """Server-sent events of what the store does (transfers with progress, loads, unloads, evictions)."""
+    sub = state.core().events.subscribe()
+    return Response(sse_frames(sub), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @bp.get("/health")
 def health():
     """Liveness of the store, and whether the worker answers."""
-    worker_ok = _swapper().worker.health()
+    worker_ok = state.core().workers_healthy()
     return jsonify({"status": "ok", "worker": "ok" if worker_ok else "unreachable"})
 
 
 @bp.get("/metrics")
 def metrics():
     """Prometheus text format."""
-    registry = current_app.extensions["store"]["metrics"].registry
-    return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(state.core().metrics.registry), mimetype=CONTENT_TYPE_LATEST)

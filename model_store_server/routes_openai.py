@@ -2,7 +2,8 @@
 
 The same swap path as /user_request (the cache headers are set here too); the worker streams
 ndjson events, which become server-sent events (`data: {json}` ... `data: [DONE]`) or one JSON
-body. Tool calls, n > 1, logprobs and the like are refused rather than ignored.
+body. Tool calls, n > 1, logprobs and the like are refused rather than ignored. A streaming
+request that waits for a swap gets SSE comment lines (`: transferring X... 45%`) meanwhile.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import time
 import uuid
 from typing import Iterator
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, jsonify
 
-from model_store_server.forwarding import Forward, start_generation
+from model_store_server import state
+from model_store_server.forwarding import Forward, PendingForward, keep_alive_of, start_generation
 from model_swap.errors import ApiError
 from model_swap.names import check_model_name
 from model_swap.web import json_body, parse_generation
@@ -25,6 +27,8 @@ NEUTRAL = {"n": (None, 1), "best_of": (None, 1), "logprobs": (None, False), "top
            "echo": (None, False), "suffix": (None,), "stop": (None, [], ""), "tools": (None, []),
            "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
            "response_format": (None, {"type": "text"})}
+WAIT_BEFORE_PROGRESS_S = 1.0  # a request that waits longer starts its stream with progress comments
+PROGRESS_EVERY_S = 0.5
 
 
 def _events(forward: Forward) -> Iterator[dict]:
@@ -68,14 +72,15 @@ def _generate(chat: bool):
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "invalid_request", "stream must be true or false")
-    store = current_app.extensions["store"]
+    keep_alive_s = keep_alive_of(body)
+    store = state.core()
     endpoint = "/v1/chat/completions" if chat else "/v1/completions"
-    forward = start_generation(store["swapper"], store["config"].cache_policy, endpoint, model, request, "ndjson")
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     base = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model}
 
     if not stream:
+        forward = start_generation(store, endpoint, model, request, "ndjson", keep_alive_s)
         try:
             texts, summary = [], {}
             for event in _events(forward):
@@ -92,7 +97,7 @@ def _generate(chat: bool):
 
     chunk_base = dict(base, object="chat.completion.chunk" if chat else "text_completion")
 
-    def sse() -> Iterator[str]:
+    def sse(forward: Forward) -> Iterator[str]:
         if chat:
             first = dict(chunk_base, choices=[dict(_choice(True, None, None, True), delta={"role": "assistant"})])
             yield f"data: {json.dumps(first)}\n\n"
@@ -104,7 +109,32 @@ def _generate(chat: bool):
                 yield f"data: {json.dumps(last)}\n\n"
         yield "data: [DONE]\n\n"
 
-    return forward.attach(Response(sse(), mimetype="text/event-stream"))
+    pending = PendingForward(store, endpoint, model, request, "ndjson", keep_alive_s)
+    if pending.wait(WAIT_BEFORE_PROGRESS_S):
+        forward = pending.result()  # an error here is answered with its status, as without streaming
+        return forward.attach(Response(sse(forward), mimetype="text/event-stream"))
+
+    def waiting_sse() -> Iterator[str]:
+        # The status line is sent already: progress and the outcome travel as SSE comments, errors as data.
+        try:
+            while not pending.wait(PROGRESS_EVERY_S):
+                yield f": {store.progress_text(model)}\n\n"
+            try:
+                forward = pending.result()
+            except ApiError as err:
+                yield f"data: {json.dumps({'error': {'code': err.code, 'message': err.message}})}\n\n"
+                return
+            o = forward.outcome
+            yield (f": x-cache-action={o.action} evicted={','.join(o.evicted)} unloaded={','.join(o.unloaded)}"
+                   f" worker_ms={o.worker_ms:.1f}\n\n")
+            try:
+                yield from sse(forward)
+            finally:
+                forward.close()
+        finally:
+            pending.abandon()
+
+    return Response(waiting_sse(), mimetype="text/event-stream", headers={"X-Accel-Buffering": "no"})
 
 
 @bp.post("/completions")
@@ -122,7 +152,7 @@ def chat_completions():
 @bp.get("/models")
 def list_models():
     """The store's models, in OpenAI's list shape."""
-    models = current_app.extensions["store"]["swapper"].catalog.list()
+    models = state.core().catalog.list()
     return jsonify({"object": "list", "data": [
         {"id": m.name, "object": "model", "created": int(m.path.stat().st_mtime), "owned_by": "model-swap"}
         for m in models]})

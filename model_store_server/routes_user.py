@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app
+from flask import Blueprint, Response
 
-from model_store_server.forwarding import start_generation
+from model_store_server import state
+from model_store_server.forwarding import keep_alive_of, start_generation
 from model_swap.names import check_model_name
 from model_swap.web import json_body, parse_generation
 
@@ -13,10 +14,9 @@ bp = Blueprint("user", __name__)
 
 @bp.post("/user_request")
 def user_request():
-    """Stream generated text for {"prompt", "model", "max_tokens"}; headers tell the cache action."""
+    """Stream generated text for {"prompt", "model", "max_tokens", "keep_alive"}; headers tell the cache action."""
     body = json_body()
     request = parse_generation(body, chat=False)
     model = check_model_name(body.get("model"))
-    store = current_app.extensions["store"]
-    forward = start_generation(store["swapper"], store["config"].cache_policy, "/user_request", model, request)
+    forward = start_generation(state.core(), "/user_request", model, request, keep_alive_s=keep_alive_of(body))
     return forward.attach(Response(forward.chunks(), mimetype="text/plain"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Optional, Protocol
 
 from model_store_server.catalog import StoredModel
 from model_store_server.worker_client import WorkerClient
@@ -22,12 +22,15 @@ class Sent:
     seconds: float
 
 
+Progress = Optional[Callable[[int], None]]  # called with the bytes sent so far
+
+
 class Transport(Protocol):
     """Puts one model's bytes into the worker's cache, verified, or raises ApiError."""
 
     name: str
 
-    def send(self, model: StoredModel) -> Sent: ...
+    def send(self, model: StoredModel, progress: Progress = None) -> Sent: ...
 
 
 class HttpTransport:
@@ -38,8 +41,8 @@ class HttpTransport:
     def __init__(self, worker: WorkerClient):
         self._worker = worker
 
-    def send(self, model: StoredModel) -> Sent:
-        return Sent(self.name, self._worker.push(model.name, model.path, model.size, model.sha256))
+    def send(self, model: StoredModel, progress: Progress = None) -> Sent:
+        return Sent(self.name, self._worker.push(model.name, model.path, model.size, model.sha256, progress))
 
 
 class FallbackTransport:
@@ -50,14 +53,14 @@ class FallbackTransport:
         self._fallback = fallback
         self.name = primary.name
 
-    def send(self, model: StoredModel) -> Sent:
+    def send(self, model: StoredModel, progress: Progress = None) -> Sent:
         try:
-            return self._primary.send(model)
+            return self._primary.send(model, progress)
         except ApiError as err:
             log.warning("[transport] %s send of %s failed (%s: %s); falling back to %s",
                         self._primary.name, model.name, err.code, err.message, self._fallback.name)
             started = time.perf_counter()
-            self._fallback.send(model)
+            self._fallback.send(model, progress)
             return Sent(f"{self._fallback.name}(fallback)", time.perf_counter() - started)
 
 

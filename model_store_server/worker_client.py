@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 from urllib.parse import quote, urlsplit
 
 import requests
@@ -44,11 +44,48 @@ def _error_from(status: int, body: bytes) -> ApiError:
 
 
 @dataclass(frozen=True)
-class WorkerState:
-    """What the worker says is on its disk and in memory."""
+class LoadedModel:
+    """One model the worker has in memory, as its listing reports it."""
 
-    loaded: str | None
+    name: str
+    memory_bytes: int | None = None
+    estimated_bytes: int | None = None
+    active: int = 0
+    waiting: int = 0
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    """What the worker says is on its disk and in memory, and the memory it may use."""
+
+    loaded: tuple[LoadedModel, ...]
     cached: list[dict]
+    budget_bytes: int | None = None
+    used_bytes: int | None = None
+    max_loaded_models: int = 1
+    boot_id: str | None = None
+
+    @property
+    def loaded_names(self) -> list[str]:
+        return [m.name for m in self.loaded]
+
+    @classmethod
+    def from_listing(cls, body: dict) -> "WorkerState":
+        """Read GET /models; a worker that holds one model at a time reports "loaded" as a name or null."""
+        loaded = body.get("loaded")
+        memory = body.get("memory") or {}
+        if loaded is None or isinstance(loaded, str):
+            models = (LoadedModel(loaded),) if loaded else ()
+            return cls(models, list(body.get("cached", [])), boot_id=body.get("boot_id"))
+        models = tuple(LoadedModel(str(m.get("name")), _int(m.get("memory_bytes")), _int(m.get("estimated_bytes")),
+                                   _int(m.get("active")) or 0, _int(m.get("waiting")) or 0)
+                       for m in loaded if isinstance(m, dict))
+        return cls(models, list(body.get("cached", [])), _int(memory.get("budget_bytes")),
+                   _int(memory.get("used_bytes")), _int(memory.get("max_loaded_models")) or 1, body.get("boot_id"))
+
+
+def _int(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class WorkerClient:
@@ -72,8 +109,7 @@ class WorkerClient:
         return response
 
     def state(self) -> WorkerState:
-        body = self._call("GET", "/models").json()
-        return WorkerState(body.get("loaded"), list(body.get("cached", [])))
+        return WorkerState.from_listing(self._call("GET", "/models").json())
 
     def health(self) -> bool:
         try:
@@ -94,8 +130,12 @@ class WorkerClient:
             raise
         return True
 
-    def unload(self) -> None:
-        self._call("POST", "/unload")
+    def unload(self, name: str | None = None) -> None:
+        """Unload one model (once its generations drain) or, without a name, every model."""
+        if name is None:
+            self._call("POST", "/unload")
+        else:
+            self._call("POST", "/unload", json={"model": check_model_name(name)})
 
     def infer(self, model: str, request: GenerationRequest, stream_format: str = "text") -> requests.Response:
         """Start a streamed generation; raises for an error status before any text."""
@@ -107,8 +147,11 @@ class WorkerClient:
             raise err
         return response
 
-    def push(self, name: str, path, size: int, sha256: str) -> float:
-        """Upload a file to /cache_model in 1 MiB blocks with a Content-Length; return seconds."""
+    def push(self, name: str, path, size: int, sha256: str,
+             progress: Callable[[int], None] | None = None) -> float:
+        """Upload a file to /cache_model in 1 MiB blocks with a Content-Length; return seconds.
+
+        progress(bytes_sent_so_far) is called as blocks are read for sending."""
         parts = urlsplit(self.base_url)
         conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         # http.client's blocksize decides upload speed: its 8 KiB default is several times slower.
@@ -118,7 +161,8 @@ class WorkerClient:
         started = time.perf_counter()
         try:
             with open(path, "rb") as f:
-                conn.request("POST", "/cache_model", body=f, headers=headers)
+                body = f if progress is None else _CountingReader(f, progress)
+                conn.request("POST", "/cache_model", body=body, headers=headers)
                 response = conn.getresponse()
                 payload = response.read()
         except OSError as err:
@@ -135,3 +179,18 @@ class WorkerClient:
             yield from response.iter_content(chunk_size=None)
         finally:
             response.close()
+
+
+class _CountingReader:
+    """A file object that reports how many bytes have been read from it."""
+
+    def __init__(self, f: BinaryIO, progress: Callable[[int], None]):
+        self._f = f
+        self._progress = progress
+        self._done = 0
+
+    def read(self, size: int = -1) -> bytes:
+        block = self._f.read(size)
+        self._done += len(block)
+        self._progress(self._done)
+        return block

@@ -115,7 +115,9 @@ start_services() {
     local policy=$1 worker_port store_port
     read -r worker_port store_port < <(free_ports)
     mkdir -p "$WORK/$policy-cache"
-    "$PY" -m inference_worker --cache-dir "$WORK/$policy-cache" --host 127.0.0.1 --port "$worker_port" \
+    # These four scripts walk the disk tier: a worker that can hold several models holds one here
+    # (a worker that holds one model at a time ignores the setting).
+    MAX_LOADED_MODELS=1 "$PY" -m inference_worker --cache-dir "$WORK/$policy-cache" --host 127.0.0.1 --port "$worker_port" \
         > "$LOG_DIR/$policy-worker.log" 2>&1 &
     PIDS+=("$!")
     wait_healthy "worker ($policy)" "http://127.0.0.1:$worker_port" "$!" "$LOG_DIR/$policy-worker.log" || return 1

@@ -47,10 +47,10 @@ def services(tmp_path):
 
     class Starter:
         def worker(self, cache_dir: Path | None = None, token: str | None = None, extra: list[str] | None = None,
-                   port: int | None = None) -> ServiceProcess:
+                   port: int | None = None, env: dict[str, str] | None = None) -> ServiceProcess:
             cache_dir = cache_dir or tmp_path / "worker-cache"
             args = ["--cache-dir", str(cache_dir), *(["--token", token] if token else []), *(extra or [])]
-            svc = ServiceProcess("inference_worker", args, tmp_path / f"worker-{len(started)}.log", port)
+            svc = ServiceProcess("inference_worker", args, tmp_path / f"worker-{len(started)}.log", port, env)
             svc.cache_dir = cache_dir
             started.append(svc)
             return svc.start()

@@ -76,6 +76,30 @@ def test_byte_bound_refuses_model_larger_than_cache(name, timer):
     assert p.entries() == []
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_copy_is_independent_and_keeps_the_clock(name, timer):
+    p = make(name, timer)
+    p.admit("a.gguf", 1)
+    q = p.copy()
+    q.admit("b.gguf", 1)
+    q.discard("a.gguf")
+    assert p.entries() == ["a.gguf"] and q.entries() == ["b.gguf"]
+    timer.tick(6)  # past the ttl: the copy's entries expire with the original's clock
+    assert ("b.gguf" in q) is (name in ("lru", "no-evict"))
+
+
+@pytest.mark.parametrize("name", ["ttl", "lru-ttl"])
+def test_expired_lists_what_awaits_the_sweep_without_dropping_it(name, timer):
+    p = make(name, timer)
+    p.admit("a.gguf", 1)
+    timer.tick(3)
+    p.admit("b.gguf", 1)
+    timer.tick(3)
+    assert p.expired() == ["a.gguf"]
+    assert p.entries() == ["a.gguf", "b.gguf"]  # still listed until deleted
+    assert p.discard("a.gguf") and p.expired() == []
+
+
 # --- lru ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["lru", "lru-ttl"])

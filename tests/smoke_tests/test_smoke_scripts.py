@@ -48,7 +48,8 @@ def tiny_models(tmp_path_factory) -> Path:
 def worker(tmp_path_factory) -> Iterator[ServiceProcess]:
     """One worker shared by the stores below (each script resets it first)."""
     tmp = tmp_path_factory.mktemp("worker")
-    service = ServiceProcess("inference_worker", ["--cache-dir", str(tmp / "cache")], tmp / "worker.log").start()
+    service = ServiceProcess("inference_worker", ["--cache-dir", str(tmp / "cache")], tmp / "worker.log",
+                             env={"MAX_LOADED_MODELS": "1"}).start()
     yield service
     service.stop()
 
