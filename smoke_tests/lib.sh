@@ -254,6 +254,20 @@ smoke_check_not_on_worker() {
     fi
 }
 
+smoke_check_swept() {
+    # smoke_check_swept MODEL...: after a sleep past the TTL, the store's timer has deleted each
+    # MODEL from the worker's disk without any request (ttl and lru-ttl sweep by timer).
+    local json cached name left=""
+    json=$(store_models_json) || smoke_fail "after step $SMOKE_STEPS: could not read GET $STORE_URL/models"
+    cached=$(json_names_after "$json" worker) || smoke_fail "after step $SMOKE_STEPS: no worker cache in GET /models"
+    echo "swept check: worker cache [$cached]"
+    for name in "$@"; do
+        [[ ",$cached," == *",$name,"* ]] && left+="${left:+, }$name"
+    done
+    [[ -z $left ]] || smoke_fail "after step $SMOKE_STEPS: the worker still holds $left past the TTL;" \
+        "expected the store's timer to sweep it"
+}
+
 smoke_check_cache_agrees() {
     # smoke_check_cache_agrees exact|subset: the worker's disk against the policy's entries.
     # exact: the same names. subset: every policy entry is on the worker (timed policies hide
