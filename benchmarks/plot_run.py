@@ -22,7 +22,8 @@ DEFAULT_STDIN_OUTPUT = Path(__file__).resolve().parent / "smoke_bench.png"
 BANNER_RE = re.compile(r"^### model-swap smoke test: policy=(?P<policy>\S+)")
 MODELS_RE = re.compile(r"^### models: A=(?P<A>\S+) B=(?P<B>\S+) C=(?P<C>\S+)")
 HEADER_RE = re.compile(r"^=== (?P<number>\d+)\. (?P<label>.*) -> expect: (?P<expected>\S+) ===$")
-ACTUAL_RE = re.compile(r"^actual: action=(?P<action>\S+) evicted=\[(?P<evicted>[^\]]*)\]")
+ACTUAL_RE = re.compile(r"^actual: action=(?P<action>\S+) evicted=\[(?P<evicted>[^\]]*)\]"
+                       r"(?: unloaded=\[(?P<unloaded>[^\]]*)\])?")
 SLEEP_RE = re.compile(r"^--- sleep (?P<seconds>\d+(?:\.\d+)?)s\b")
 TIMING_RE = re.compile(
     r"^\[http (?P<status>\d{3}) \| tcp_connect=(?P<connect>[\d.]+)s\s+time_to_first_byte=(?P<ttfb>[\d.]+)s"
@@ -64,6 +65,7 @@ class Step:
     generation_s: float
     total_s: float
     throughput_bps: int
+    unloaded: tuple[str, ...] = ()  # models unloaded from the worker's memory (older output: none)
 
 
 @dataclass(frozen=True)
@@ -109,14 +111,16 @@ def _step(timing: re.Match, header: re.Match | None, actual: re.Match | None, fa
     if actual is not None:
         action = actual["action"]
         evicted = tuple(name for name in actual["evicted"].split(",") if name)
+        unloaded = tuple(name for name in (actual["unloaded"] or "").split(",") if name)
     else:  # output from an older script without the actual: line
-        action, evicted = ("rejected" if status == 503 else "unknown"), ()
+        action, evicted, unloaded = ("rejected" if status == 503 else "unknown"), (), ()
     return Step(
         number=int(header["number"]) if header else fallback_number,
         label=header["label"] if header else f"request {fallback_number}",
         expected=header["expected"] if header else "",
         action=action,
         evicted=evicted,
+        unloaded=unloaded,
         http_status=status,
         tcp_connect_s=float(timing["connect"]),
         ttfb_s=float(timing["ttfb"]),
@@ -170,6 +174,8 @@ def plot_run(run: SmokeRun, out: Path, title: str) -> Path:
             note += f"  HTTP {s.http_status}"
         if s.evicted:
             note += "  evicted: " + ", ".join(run.models.get(name, name) for name in s.evicted)
+        if s.unloaded:
+            note += "  unloaded: " + ", ".join(run.models.get(name, name) for name in s.unloaded)
         ax.text(max(s.total_s, ttfb[y]) + longest * 0.01, y, note, va="center", fontsize=8.5)
     for after, seconds in run.sleeps:  # a sleep between steps: a dashed rule where it happened
         if 0 < after < len(steps):

@@ -28,6 +28,7 @@ SMOKE_TIMINGS=()   # "step N: 1.234s" per step, shown when a timed script fails
 LAST_HTTP=""
 LAST_ACTION=""
 LAST_EVICTED=""
+LAST_UNLOADED=""
 LAST_ERROR_CODE=""
 
 smoke_fail() {
@@ -104,11 +105,12 @@ store_models_json() {
 }
 
 json_names_after() {
-    # json_names_after JSON OBJECT_KEY: the "cached" list inside {"OBJECT_KEY": {...}}, comma-separated.
-    local json=$1 key=$2
-    [[ $json == *"\"$key\":{"*'"cached":['* ]] || return 1
+    # json_names_after JSON OBJECT_KEY [LIST_KEY]: the LIST_KEY list (default "cached") of names
+    # inside {"OBJECT_KEY": {...}}, comma-separated.
+    local json=$1 key=$2 list=${3:-cached}
+    [[ $json == *"\"$key\":{"*"\"$list\":["* ]] || return 1
     json=${json#*\""$key"\":\{}
-    json=${json#*\"cached\":[}
+    json=${json#*\""$list"\":[}
     json=${json%%]*}
     json=${json//\"/}
     printf '%s' "${json// /}"
@@ -187,6 +189,7 @@ smoke_request() {
     LAST_HTTP=$status
     LAST_ACTION=$(header_value "$SMOKE_TMP/headers" x-cache-action)
     LAST_EVICTED=$(header_value "$SMOKE_TMP/headers" x-cache-evicted)
+    LAST_UNLOADED=$(header_value "$SMOKE_TMP/headers" x-cache-unloaded)
     LAST_ERROR_CODE=""
     if [[ $status != 200 ]]; then
         LAST_ERROR_CODE=$(error_code_of "$(< "$SMOKE_TMP/body")")
@@ -194,7 +197,7 @@ smoke_request() {
         [[ -n $LAST_ACTION ]] || LAST_ACTION=rejected
     fi
     SMOKE_TIMINGS+=("step $SMOKE_STEPS: $(seconds_from_us "$total_us")s")
-    echo "actual: action=${LAST_ACTION:-none} evicted=[$LAST_EVICTED]" \
+    echo "actual: action=${LAST_ACTION:-none} evicted=[$LAST_EVICTED] unloaded=[$LAST_UNLOADED]" \
         "transport=$(header_value "$SMOKE_TMP/headers" x-transport)" \
         "decision_ms=$(header_value "$SMOKE_TMP/headers" x-decision-ms)" \
         "worker_ms=$(header_value "$SMOKE_TMP/headers" x-worker-ms)" \
@@ -218,10 +221,11 @@ same_names() {
 }
 
 smoke_step() {
-    # smoke_step LABEL MODEL EXPECTED_ACTION [EXPECTED_EVICTED]
+    # smoke_step LABEL MODEL EXPECTED_ACTION [EXPECTED_EVICTED [EXPECTED_UNLOADED]]
     # EXPECTED_EVICTED: comma-separated names in any order; "" (the default) means none, "*" unchecked.
+    # EXPECTED_UNLOADED (models unloaded from the worker's memory): the same; unchecked by default.
     # EXPECTED_ACTION "rejected" means HTTP 503 with error code cache_full.
-    local label=$1 model=$2 want_action=$3 want_evicted=${4-}
+    local label=$1 model=$2 want_action=$3 want_evicted=${4-} want_unloaded=${5-*}
     SMOKE_STEPS=$(( SMOKE_STEPS + 1 ))
     local step="step $SMOKE_STEPS ($label)"
     echo
@@ -240,6 +244,9 @@ smoke_step() {
     if [[ $want_evicted != "*" ]] && ! same_names "$LAST_EVICTED" "$want_evicted"; then
         smoke_fail "$step: expected evicted=[$want_evicted], got evicted=[$LAST_EVICTED]"
     fi
+    if [[ $want_unloaded != "*" ]] && ! same_names "$LAST_UNLOADED" "$want_unloaded"; then
+        smoke_fail "$step: expected unloaded=[$want_unloaded], got unloaded=[$LAST_UNLOADED]"
+    fi
     echo "ok: step $SMOKE_STEPS"
 }
 
@@ -252,6 +259,25 @@ smoke_check_not_on_worker() {
     if [[ ",$cached," == *",$model,"* ]]; then
         smoke_fail "step $SMOKE_STEPS: $model was transferred to the worker although it was refused"
     fi
+}
+
+smoke_check_loaded() {
+    # smoke_check_loaded "a,b" [WHY]: the worker's memory holds exactly these models (any order).
+    local want=$1 why=${2:-} json loaded
+    json=$(store_models_json) || smoke_fail "after step $SMOKE_STEPS: could not read GET $STORE_URL/models"
+    loaded=$(json_names_after "$json" worker loaded) || smoke_fail "after step $SMOKE_STEPS: no worker memory in GET /models"
+    echo "memory check: worker loaded [$loaded]"
+    same_names "$loaded" "$want" || smoke_fail "after step $SMOKE_STEPS: the worker has [$loaded] in memory," \
+        "expected [$want]${why:+ ($why)}"
+}
+
+smoke_worker_max_loaded() {
+    # The worker's max_loaded_models from GET /models of the store (empty for a one-model worker).
+    local json
+    json=$(store_models_json 2>/dev/null) || return 0
+    [[ $json == *'"max_loaded_models":'* ]] || return 0
+    json=${json#*\"max_loaded_models\":}
+    printf '%s' "${json%%[,\}]*}"
 }
 
 smoke_check_swept() {

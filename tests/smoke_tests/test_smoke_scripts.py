@@ -1,5 +1,5 @@
-"""The smoke-test scripts: all four pass against real services, and each fails loudly when the
-store behaves differently from what it expects."""
+"""The smoke-test scripts: the four disk-policy scripts and the memory-tier one pass against real
+services, and each fails loudly when the store behaves differently from what it expects."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -74,7 +75,7 @@ def test_run_all_passes_every_policy_with_tiny_models(tmp_path: Path) -> None:
     out = tmp_path / "out"
 
     result = _run(["bash", str(SMOKE_DIR / "run_all.sh"), str(out)],
-                  {"MODELS_DIR": str(models), "TTL_SECONDS": "3", **TINY}, timeout_s=300)
+                  {"MODELS_DIR": str(models), "TTL_SECONDS": "3", "KEEP_ALIVE_SECONDS": "2", **TINY}, timeout_s=300)
 
     assert result.returncode == 0, result.stdout[-6000:]
     assert (models / TINY["MODEL_C"]).is_file()
@@ -86,6 +87,13 @@ def test_run_all_passes_every_policy_with_tiny_models(tmp_path: Path) -> None:
         run = plot_run.parse_run(text)  # the chart script reads what the scripts print
         assert run.policy == policy
         assert [s.action for s in run.steps] == [s.expected for s in run.steps]
+    # The memory tier needs a worker that holds several models; against one that does not, it says so.
+    if "SKIP  memory (the worker holds one model at a time)" not in result.stdout:
+        assert "PASS  memory (" in result.stdout
+        run = plot_run.parse_run((out / "memory.txt").read_text())
+        assert run.policy == "memory-tier"
+        assert [s.action for s in run.steps] == [s.expected for s in run.steps]
+        assert [s.unloaded for s in run.steps][5:7] == [(TINY["MODEL_B"],), (TINY["MODEL_A"],)]
     assert "all policies passed" in result.stdout
 
 
@@ -157,3 +165,44 @@ def _ask(store: ServiceProcess, model: str) -> requests.Response:
                              timeout=60)
     response.content  # drain the stream so the lease ends
     return response
+
+
+@pytest.fixture
+def store_over_fake_worker(tmp_path):
+    """serve(max_loaded) -> URL of a store app (in-process, on a free port) whose worker is a FakeWorker."""
+    from werkzeug.serving import make_server
+
+    from tests.support.fake_worker import FakeWorker
+    from tests.support.store_harness import fake_store
+
+    servers = []
+
+    def serve(max_loaded: int) -> str:
+        app, _ = fake_store(tmp_path, FakeWorker(max_loaded=max_loaded), models=tuple(TINY.values()),
+                            max_cache_size=3, keep_alive_seconds=1.0)
+        server = make_server("127.0.0.1", free_port(), app, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+
+
+def test_memory_tier_script_walks_its_steps_over_a_fake_worker(store_over_fake_worker) -> None:
+    """The script's own logic (a fast seam); run_all.sh runs it against a real worker that holds two models."""
+    url = store_over_fake_worker(2)
+    result = _run(["bash", str(SMOKE_DIR / "test_memory_tier_smoke.sh")],
+                  {"STORE_URL": url, "KEEP_ALIVE_SECONDS": "1", **TINY}, timeout_s=60)
+    assert result.returncode == 0, result.stdout
+    assert "PASS: memory-tier smoke test (8 steps)" in result.stdout
+    run = _load_plot_run().parse_run(result.stdout)
+    assert [s.action for s in run.steps] == [s.expected for s in run.steps]
+
+
+def test_memory_tier_script_refuses_a_worker_with_room_for_one(store_over_fake_worker) -> None:
+    url = store_over_fake_worker(1)
+    result = _run(["bash", str(SMOKE_DIR / "test_memory_tier_smoke.sh")], {"STORE_URL": url, **TINY}, timeout_s=60)
+    assert result.returncode != 0
+    assert "FAIL: setup: the worker holds 1 model(s) at a time" in result.stdout
