@@ -17,6 +17,17 @@ def test_defaults_match_the_documented_table():
         ("models", "http://localhost:8080", 2, None, 5.0, "lru", "http", False, "localhost", 8081, 8000)
 
 
+def test_tier_settings_defaults_and_environment():
+    c = load_store_config([], env={})
+    assert (c.keep_alive_seconds, c.max_swap_wait_ms, c.pinned_models, c.preload_models, c.max_queue,
+            c.queue_timeout_s) == (300.0, 2000, (), (), 64, 300.0)
+    env = {"KEEP_ALIVE_SECONDS": "-1", "MAX_SWAP_WAIT_MS": "0", "PINNED_MODELS": " a.gguf, ,a.gguf",
+           "PRELOAD_MODELS": "b.gguf,c.gguf", "MAX_QUEUE": "8", "QUEUE_TIMEOUT_S": "2.5"}
+    c = load_store_config([], env=env)
+    assert (c.keep_alive_seconds, c.max_swap_wait_ms, c.pinned_models, c.preload_models, c.max_queue,
+            c.queue_timeout_s) == (-1.0, 0, ("a.gguf",), ("b.gguf", "c.gguf"), 8, 2.5)
+
+
 def test_environment_then_flags():
     env = {"CACHE_POLICY": "ttl", "TTL_SECONDS": "2.5", "MAX_CACHE_SIZE": "3", "ALLOW_FALLBACK": "1"}
     c = load_store_config([], env=env)
@@ -34,6 +45,13 @@ def test_environment_then_flags():
     ({"TRANSPORT": "carrier-pigeon"}, "TRANSPORT"),
     ({"WORKER_URL": "localhost:8080"}, "WORKER_URL"),
     ({"STORE_PORT": "70000"}, "port"),
+    ({"MAX_SWAP_WAIT_MS": "-1"}, "MAX_SWAP_WAIT_MS"),
+    ({"MAX_QUEUE": "0"}, "MAX_QUEUE"),
+    ({"QUEUE_TIMEOUT_S": "0"}, "QUEUE_TIMEOUT_S"),
+    ({"KEEP_ALIVE_SECONDS": "soon"}, "KEEP_ALIVE_SECONDS"),
+    ({"PINNED_MODELS": "../x.gguf"}, "PINNED_MODELS"),
+    ({"PRELOAD_MODELS": "x.bin"}, "PRELOAD_MODELS"),
+    ({"PINNED_MODELS": "a.gguf,b.gguf", "MAX_CACHE_SIZE": "2"}, "PINNED_MODELS"),
 ])
 def test_invalid_settings_refused(env, fragment):
     with pytest.raises(ConfigError) as err:
