@@ -76,7 +76,7 @@ def test_a_swap_waits_for_the_busy_models_stream(services, multi_worker, models_
 
     def long_stream():
         r = requests.post(store.url + "/user_request", json={"prompt": "count", "model": "a.gguf",
-                                                             "max_tokens": 1500}, stream=True, timeout=120)
+                                                             "max_tokens": 600}, stream=True, timeout=120)
         for _ in r.iter_content(None):
             pass
         ended["a"] = time.monotonic()
@@ -97,7 +97,7 @@ def test_mixed_load_keeps_the_views_equal(services, multi_worker, models_dir, ma
     store = services.store(models_dir, worker, max_cache_size=2, extra=["--max-swap-wait-ms", "200"])
     names = ["a.gguf", "b.gguf", "c.gguf"]
     results, lock = [], threading.Lock()
-    stop = time.monotonic() + 5
+    stop = time.monotonic() + 3
 
     def client(i):
         j = 0
