@@ -149,11 +149,8 @@ class Executor:
         want = Want(model.name, model.size, model.sha256)
         self.refresh()
         for _ in range(3):
-            decided = self._clock()
-            plan = self._settle(want, deadline, disk=True)
-            if outcome.action is None:
-                outcome.action = plan.action if load else ("already_cached" if plan.disk.on_disk else "cached")
-                outcome.decision_ms = (self._clock() - decided) * 1000
+            plan = self._settle(want, deadline, disk=True, outcome=outcome)
+            outcome.action = plan.action if load else ("already_cached" if plan.disk.on_disk else "cached")
             if plan.action == HIT or (not load and plan.disk.on_disk):
                 if not use or self.gates.take_use(model.name):
                     if use:
@@ -196,7 +193,7 @@ class Executor:
                 continue
         raise ApiError(507, "insufficient_memory", f"the worker kept refusing {model.name} for memory")
 
-    def _settle(self, want: Want, deadline: float, disk: bool) -> Plan:
+    def _settle(self, want: Want, deadline: float, disk: bool, outcome: Outcome | None = None) -> Plan:
         """Plan until the models the plan frees are idle, then close them (and commit the disk step).
 
         Until MAX_SWAP_WAIT_MS has passed, requests for a busy victim still start on it (they
@@ -206,8 +203,11 @@ class Executor:
         try:
             while True:
                 busy = self.gates.busy()
+                decided = self._clock()
                 snap = self.belief.snapshot(busy, frozenset(draining))
                 plan = planner.plan(want, snap)
+                if outcome is not None:
+                    outcome.decision_ms = (self._clock() - decided) * 1000
                 if plan.refusal:
                     r = plan.refusal
                     raise ApiError(r.status, r.code, r.message)
