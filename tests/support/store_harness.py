@@ -24,8 +24,7 @@ def fake_store(tmp_path: Path, fake: FakeWorker | None = None, models: tuple[str
     """(app, fake worker): a store over `models` whose worker is a FakeWorker; settings override StoreConfig."""
     fake = fake or FakeWorker()
     models_dir = write_models(tmp_path / "store-models", list(models))
-    config = replace(StoreConfig(models_dir=models_dir, max_swap_wait_ms=settings.pop("max_swap_wait_ms", 2000)),
-                     **settings)
+    config = replace(StoreConfig(models_dir=models_dir), **settings)
     app = create_app(config, worker=fake)
     app.config["TESTING"] = True
     return app, fake
