@@ -267,6 +267,8 @@ class WorkerBelief:
             self._policy = trial
             for name in expected.evict + ((want.name,) if expected.replace else ()):
                 self._admitted_sha.pop(name, None)
+            if expected.replace:
+                self._need.pop(want.name, None)  # measured for the old version of the file
             return True
 
     def note_use(self, name: str, keep_alive_s: float | None = None) -> None:

@@ -151,10 +151,9 @@ def plan_memory(want: Want, snap: Snapshot, leaving: tuple[str, ...] = ()) -> Me
     if want.name in snap.resident and want.name not in leaving:
         return MemoryPlan()
     staying = [name for name in snap.resident if name not in leaving and name != want.name]
-    freed = sum(memory_of(snap, name) for name in leaving if name in snap.resident)
-    if want.name in snap.resident:  # being replaced: its memory is given back too
-        freed += memory_of(snap, want.name)
-    need = memory_of(snap, want.name, want.size)
+    freed = sum(memory_of(snap, name) for name in leaving if name in snap.resident)  # want too, if replaced
+    # A new version of a file needs what its size says; what the old one measured no longer applies.
+    need = want.size if want.name in leaving else memory_of(snap, want.name, want.size)
     free = None
     if snap.budget_bytes is not None:
         used = snap.used_bytes if snap.used_bytes is not None else sum(memory_of(snap, n) for n in snap.resident)

@@ -97,6 +97,16 @@ def test_replacing_a_resident_copy_deletes_it_and_frees_its_memory():
     assert p.memory.unload == () and p.memory.wait_for == ()  # its own memory comes back with it
 
 
+def test_a_replaced_copy_gives_its_memory_back_once():
+    # 300 MB budget, a (100) and b (100) resident: replacing a frees 100, so a 150 MB new a needs b gone.
+    snap = snapshot(cached=["a", "b"], resident=["a", "b"], max_loaded=5, budget=300 * MB, used=200 * MB,
+                    sha={"a": "old"})
+    p = plan(want("a", 150 * MB), snap)
+    assert (p.action, p.deleted, p.memory.unload) == (TRANSFER, ("a",), ())
+    p = plan(want("a", 250 * MB), snap)
+    assert p.memory.unload == ("b",)
+
+
 def test_plan_does_not_change_the_snapshot():
     snap = snapshot(cached=["a", "b"], resident=["a"])
     before = snap.policy.entries()
