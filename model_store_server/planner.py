@@ -176,7 +176,9 @@ def plan_memory(want: Want, snap: Snapshot, leaving: tuple[str, ...] = ()) -> Me
         if free is not None:
             free += memory_of(snap, name)
         (wait_for if name in snap.busy else unload).append(name)
-    if not fits():
+    # A resident model whose memory was never reported frees an unknown amount: let the worker judge.
+    unknown = any(not memory_of(snap, name) for name in snap.resident)
+    if not fits() and not (unknown and len(staying) + 1 <= snap.max_loaded):
         held = ", ".join(sorted(snap.pinned & set(staying))) or "none"
         budget = f"{snap.budget_bytes} bytes" if snap.budget_bytes is not None else "no byte budget"
         return MemoryPlan(refusal=Refusal(507, "insufficient_memory",

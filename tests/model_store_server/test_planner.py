@@ -78,6 +78,9 @@ TABLE = [
     ("a learned need wins over the file size", "c",
      dict(cached=["a", "c"], resident=["a"], max_loaded=5, max_cache=3, budget=250 * MB, used=100 * MB,
           need={"c": 200 * MB}), (LOAD_LOCAL, (), ("a",), (), None)),
+    ("a resident model's memory unknown: unload it and let the worker judge", "b",
+     dict(cached=["a", "b"], resident=["a"], max_loaded=5, budget=150 * MB, used=100 * MB, sizes={"a": 0}),
+     (LOAD_LOCAL, (), ("a",), (), None)),
     ("the store's file changed: replace the worker's copy", "a",
      dict(cached=["a"], resident=["a"], sha={"a": "old"}), (TRANSFER, (), (), (), None)),
 ]
