@@ -121,3 +121,14 @@ def test_mixed_load_keeps_the_views_equal(services, multi_worker, models_dir, ma
     listing = requests.get(store.url + "/models").json()
     assert sorted(listing["policy"]["cached"]) == sorted(listing["worker"]["cached"])
     assert sorted(listing["policy"]["loaded"]) == sorted(listing["worker"]["loaded"])
+
+
+def test_a_restarted_store_adopts_the_models_in_memory(services, multi_worker, models_dir):
+    worker = multi_worker(2)
+    store = services.store(models_dir, worker, max_cache_size=3)
+    assert ask(store, "a.gguf")[1] == "load_from_store"
+    assert ask(store, "b.gguf")[1] == "load_from_store"
+    store.stop()
+    store = services.store(models_dir, worker, max_cache_size=3)
+    assert [ask(store, m)[1] for m in ("a.gguf", "b.gguf")] == ["already_loaded", "already_loaded"]
+    assert worker_loaded(worker) == ["a.gguf", "b.gguf"]

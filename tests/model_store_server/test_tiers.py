@@ -302,3 +302,15 @@ def test_mixed_load_keeps_belief_and_worker_equal(tmp_path):
     assert sorted(m["name"] for m in view["loaded"]) == sorted(fake.loaded)
     pushes = actions.count("load_from_store")
     assert fake.receives == pushes, "one transfer per admission, never two for one miss"
+
+
+
+def test_a_restarted_store_adopts_the_workers_disk_and_memory(tmp_path):
+    app, fake = fake_store(tmp_path, FakeWorker(max_loaded=2), max_cache_size=3)
+    client = app.test_client()
+    ask(client, "a.gguf")
+    ask(client, "b.gguf")
+    again, _ = fake_store(tmp_path, fake, models_dir=core_of(app).catalog.root, max_cache_size=3)
+    client = again.test_client()
+    assert [ask(client, m).headers["X-Cache-Action"] for m in ("a.gguf", "b.gguf")] == ["already_loaded"] * 2
+    assert fake.receives == 2 and sorted(fake.loaded) == ["a.gguf", "b.gguf"]

@@ -20,10 +20,11 @@ def write_models(directory: Path, names: list[str], size: int = 4096) -> Path:
 
 
 def fake_store(tmp_path: Path, fake: FakeWorker | None = None, models: tuple[str, ...] = ("a.gguf", "b.gguf", "c.gguf"),
-               **settings):
-    """(app, fake worker): a store over `models` whose worker is a FakeWorker; settings override StoreConfig."""
+               models_dir: Path | None = None, **settings):
+    """(app, fake worker): a store over `models` (or an existing models_dir) whose worker is a FakeWorker;
+    settings override StoreConfig."""
     fake = fake or FakeWorker()
-    models_dir = write_models(tmp_path / "store-models", list(models))
+    models_dir = models_dir or write_models(tmp_path / "store-models", list(models))
     config = replace(StoreConfig(models_dir=models_dir), **settings)
     app = create_app(config, worker=fake)
     app.config["TESTING"] = True
