@@ -222,8 +222,8 @@ def run_during_transfer(args, work: Path) -> None:
             during.append(ask(store.url, model, args.max_tokens)["ttfb"])
     p50_idle, p50_during = statistics.median(idle), statistics.median(during)
     log.info(f"{model} while {big} ({args.big_mb} MB) was transferred and loaded in {swap.get('total', 0):.2f}s "
-          f"({swap.get('action')}): time to first byte p50 {p50_during:.3f}s over {len(during)} requests, idle p50 "
-          f"{p50_idle:.3f}s ({p50_during / p50_idle:.2f}x)")
+          f"({swap.get('action')}): time to first byte p50 {p50_during:.3f}s max {max(during):.3f}s over {len(during)} "
+          f"requests, idle p50 {p50_idle:.3f}s ({p50_during / p50_idle:.2f}x)")
 
 
 def main() -> None:
