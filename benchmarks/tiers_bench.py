@@ -187,17 +187,20 @@ def median_ttfb(store_url: str, sequence: list[str], max_tokens: int) -> dict[st
 
 def run_alternate(args, work: Path) -> None:
     a, b = args.models.split(",")[:2]
+    same = {}
     with stack(args, 1, work, 2) as (store, _):
-        ask(store.url, a, 1)
-        same = median_ttfb(store.url, [a] * args.rounds, args.max_tokens)[a]
-    log.info(f"alternation {a} / {b}, {args.rounds} rounds, median time to first byte (no swap: {same:.3f}s)")
+        for model in (a, b):  # each model repeated: its own no-swap baseline
+            ask(store.url, model, 1)
+            same[model] = median_ttfb(store.url, [model] * args.rounds, args.max_tokens)[model]
+    log.info(f"alternation {a} / {b}, {args.rounds} rounds, median time to first byte (no swap: "
+             f"{same[a]:.3f}s / {same[b]:.3f}s)")
     for max_loaded in (1, 2):
         with stack(args, max_loaded, work, 2) as (store, _):
             ask(store.url, a, 1)
             ask(store.url, b, 1)
             got = median_ttfb(store.url, [a, b] * args.rounds, args.max_tokens)
-        log.info(f"  MAX_LOADED_MODELS={max_loaded}: {a} {got[a]:.3f}s ({got[a] / same:.1f}x no swap), "
-              f"{b} {got[b]:.3f}s ({got[b] / same:.1f}x)")
+        log.info(f"  MAX_LOADED_MODELS={max_loaded}: {a} {got[a]:.3f}s ({got[a] / same[a]:.1f}x no swap), "
+                 f"{b} {got[b]:.3f}s ({got[b] / same[b]:.1f}x)")
 
 
 def run_during_transfer(args, work: Path) -> None:
