@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from inference_worker.config import ConfigError, load_worker_config
+from inference_worker.config import ConfigError, check_cache_dir, load_worker_config
 from model_swap.serving import configure_logging, serve
 
 
@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         config = load_worker_config(argv)
+        check_cache_dir(config.cache_dir)
     except ConfigError as err:
         logging.getLogger(__name__).error("inference-worker: %s", err)
         return 2
