@@ -9,6 +9,7 @@ from flask import Flask
 
 from inference_worker.auth import install_token_check
 from inference_worker.config import WorkerConfig
+from inference_worker.engine import prepare_llama
 from inference_worker.memory import Budget, detect_budget
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.registry import LlamaSettings, ModelRegistry
@@ -24,6 +25,7 @@ def _build_registry(config: WorkerConfig) -> ModelRegistry:
               else detect_budget())
     log.info("memory budget %d bytes (%.2f GiB), %s; at most %d models loaded", budget.bytes, budget.bytes / (1 << 30),
              budget.source, config.max_loaded_models)
+    prepare_llama()
     settings = LlamaSettings(config.n_ctx, config.n_gpu_layers, config.n_threads, config.n_threads_batch)
     return ModelRegistry(settings, budget, config.max_loaded_models, config.unload_drain_timeout_s)
 

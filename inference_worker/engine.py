@@ -46,6 +46,14 @@ class FairLock:
         self.release()
 
 
+def prepare_llama() -> None:
+    """Import llama.cpp and initialise its backend now, at start, so these one-time costs are not
+    counted in the first load's memory (and do not slow the first request)."""
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+
+
 def open_llama(path: Path, n_ctx: int, n_gpu_layers: int, n_threads: int, n_threads_batch: int):
     """Open a model with llama.cpp; the caller must close() it."""
     # Imported here so the package imports (and most tests run) quickly.

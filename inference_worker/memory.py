@@ -19,7 +19,7 @@ KV_CELL_PADDING = 256  # llama.cpp rounds the context's cells up to this
 # load, calibrated on SmolLM2, Gemma 3 and the tiny test models (docs/architecture.md has the
 # table): a fixed part (threadpool, graph metadata, the touched start of the compute buffer) and
 # a part per vocabulary token (the vocabulary's tables, logits rows, repacked output weights).
-CONTEXT_FIXED_BYTES = 4 * MIB
+CONTEXT_FIXED_BYTES = 3 * MIB
 CONTEXT_BYTES_PER_VOCAB_TOKEN = 256
 AUTO_FRACTION = 0.8  # of the memory available at start: the rest is for the OS, Python and prompts
 GPU_RESERVE_FRACTION = 0.1  # of the device's total memory, kept for other processes and drivers

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 
 class WorkerMetrics:
@@ -13,6 +13,7 @@ class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes: the RSS the budget is about
         self.loads = Counter("worker_model_loads", "Model loads by result", ["result"], registry=r)
         self.load_seconds = Histogram("worker_model_load_seconds", "Seconds to load a model", registry=r)
         self.bytes_received = Counter("worker_model_bytes_received", "Model bytes written into the cache", registry=r)

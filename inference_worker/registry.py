@@ -25,6 +25,7 @@ from model_swap.errors import ApiError
 from model_swap.gguf import GgufError, read_header
 
 log = logging.getLogger(__name__)
+MAX_REMEMBERED_ESTIMATES = 256
 
 
 def _file_identity(path: Path) -> tuple[int, int, int] | None:
@@ -109,6 +110,7 @@ class ModelRegistry:
         self._cond = threading.Condition()
         self._lifecycle = threading.Lock()
         self._models: dict[str, LoadedModel] = {}
+        self._estimates: dict[tuple, MemoryEstimate] = {}
 
     # --- reading -------------------------------------------------------------------------
 
@@ -139,10 +141,7 @@ class ModelRegistry:
     def load(self, name: str, path: Path) -> LoadResult:
         """Load `name` alongside the resident models; 507 insufficient_memory if it does not fit."""
         identity = _file_identity(path)
-        try:
-            estimate = estimate_model_memory(read_header(path), self.settings.n_ctx)
-        except (GgufError, OSError) as err:
-            raise ApiError(422, "load_failed", f"{name} is not a loadable GGUF file: {err}") from err
+        estimate = self._estimate(name, path, identity)
         while True:
             with self._cond:
                 current = self._models.get(name)
@@ -160,6 +159,23 @@ class ModelRegistry:
                         continue  # another request loaded it meanwhile: look again
                     self._check_room(name, estimate.total)
                 return self._open(name, path, identity, estimate)
+
+    def _estimate(self, name: str, path: Path, identity) -> MemoryEstimate:
+        """The file's memory estimate, remembered per file version (Gemma's header takes ~60 ms)."""
+        key = (str(path), identity)
+        with self._cond:
+            known = self._estimates.get(key)
+        if known is not None:
+            return known
+        try:
+            estimate = estimate_model_memory(read_header(path), self.settings.n_ctx)
+        except (GgufError, OSError) as err:
+            raise ApiError(422, "load_failed", f"{name} is not a loadable GGUF file: {err}") from err
+        with self._cond:
+            if len(self._estimates) >= MAX_REMEMBERED_ESTIMATES:
+                self._estimates.clear()
+            self._estimates[key] = estimate
+        return estimate
 
     def _check_room(self, name: str, need: int) -> None:
         """507 if the count or the budget has no room for `need` more bytes; caller holds _cond."""
