@@ -112,12 +112,16 @@ def _build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     flag("--host", "WORKER_HOST", d.host, "address to listen on; a non-loopback one needs a token")
     flag("--port", "WORKER_PORT", str(d.port), "HTTP port")
     flag("--token", "WORKER_TOKEN", None, "require 'Authorization: Bearer TOKEN' on every endpoint but /health")
-    parser.add_argument("--insecure-no-token", action="store_true", default=env.get("WORKER_INSECURE_NO_TOKEN") == "1",
+    parser.add_argument("--insecure-no-token", action="store_true",
+                        default=env.get("WORKER_INSECURE_NO_TOKEN") == "1",
                         help="allow a non-loopback bind without a token (default: off; env WORKER_INSECURE_NO_TOKEN=1)")
-    flag("--n-gpu-layers", "N_GPU_LAYERS", str(d.n_gpu_layers), "layers to offload to a GPU (-1: all; a CPU build ignores it)")
+    flag("--n-gpu-layers", "N_GPU_LAYERS", str(d.n_gpu_layers),
+         "layers to offload to a GPU (-1: all; a CPU build ignores it)")
     flag("--n-ctx", "N_CTX", str(d.n_ctx), "context length in tokens of every loaded model")
-    flag("--n-threads", "N_THREADS", str(cores), "llama.cpp threads per generation; the default is every core this process may use")
-    flag("--n-threads-batch", "N_THREADS_BATCH", str(cores), "llama.cpp threads for prompt processing; the default is every core this process may use")
+    flag("--n-threads", "N_THREADS", str(cores),
+         "llama.cpp threads per generation; the default is every core this process may use")
+    flag("--n-threads-batch", "N_THREADS_BATCH", str(cores),
+         "llama.cpp threads for prompt processing; the default is every core this process may use")
     flag("--memory-budget-bytes", "MEMORY_BUDGET_BYTES", AUTO,
          "bytes the resident models may take; auto: 80%% of the memory available at start (MemAvailable or the "
          "cgroup's room, the lower), or a GPU's free memory less 10%% with a GPU build and nvidia-ml-py")

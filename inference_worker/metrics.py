@@ -24,7 +24,8 @@ class WorkerMetrics:
                                       buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
         self.loaded = Gauge("worker_model_loaded", "1 for each resident model", ["model"], registry=r)
         self.model_memory = Gauge("worker_model_memory_bytes", "A resident model's memory, measured (RSS change "
-                                  "across its load) and estimated (from its GGUF header)", ["model", "kind"], registry=r)
+                                  "across its load) and estimated (from its GGUF header)", ["model", "kind"],
+                                  registry=r)
         self.generations = Gauge("worker_model_generations", "Generations per resident model, running or waiting",
                                  ["model", "state"], registry=r)
         self.memory_used = Gauge("worker_memory_used_bytes", "Bytes the resident models count against the budget",

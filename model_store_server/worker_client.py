@@ -73,7 +73,8 @@ class WorkerClient:
 
     def state(self) -> WorkerState:
         body = self._call("GET", "/models").json()
-        loaded = tuple(entry["name"] for entry in body.get("loaded") or [] if isinstance(entry, dict) and "name" in entry)
+        entries = body.get("loaded") or []
+        loaded = tuple(e["name"] for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str))
         return WorkerState(loaded, list(body.get("cached", [])))
 
     def health(self) -> bool:
