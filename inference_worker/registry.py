@@ -11,6 +11,7 @@ Order: `_lifecycle` before `_cond`; a turn is never held while taking `_lifecycl
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -195,6 +196,7 @@ class ModelRegistry:
     def _open(self, name: str, path: Path, identity, estimate: MemoryEstimate) -> LoadResult:
         """Construct the Llama and publish its record; caller holds _lifecycle."""
         s = self.settings
+        gc.collect()  # garbage freed during the load would hide part of what the load takes
         return_freed_memory()
         before = process_rss_bytes()
         started = time.perf_counter()

@@ -154,18 +154,24 @@ def test_unload_waits_for_a_long_generation_while_the_other_model_serves(service
 
 @needs_real_models
 def test_estimate_is_within_25_percent_of_what_each_load_took(services, make_model, tmp_path):
-    worker = services.worker(extra=["--max-loaded-models", "4"])
-    # The first load after start also pays llama.cpp's one-time set-up (about 4 MB of code pages
-    # and static tables), and a tiny model's few MB vary by about 1 MB with the heap's state: the
-    # tiny models here are big enough for that not to swamp them, and a real model goes first.
+    worker = services.worker()
     models = [REAL / SMOL, REAL / GEMMA, make_model(tmp_path / "src", "tiny8.gguf", seed=41, size_mb=8),
               make_model(tmp_path / "src", "tiny32.gguf", seed=42, size_mb=32)]
     for path in models:
         cache(worker, path)
-        assert load(worker, path.name).status_code == 200
-    entries = listing(worker)["loaded"]
-    assert [e["name"] for e in entries] == [p.name for p in models]
-    for entry in entries:
-        measured, estimated = entry["memory_bytes"], entry["estimated_bytes"]
-        assert abs(estimated - measured) <= 0.25 * measured, (entry["name"], estimated, measured)
-        assert entry["llama_model_bytes"] == entry["estimate"]["weights_bytes"]
+    # A load's RSS change moves by a few MB with what the server's other threads free meanwhile,
+    # and the first load after start also pays llama.cpp's one-time set-up (about 4 MB): the
+    # measured need is the median of three loads.
+    measured: dict[str, list[int]] = {p.name: [] for p in models}
+    estimated: dict[str, int] = {}
+    for _ in range(3):
+        for path in models:
+            assert load(worker, path.name).status_code == 200
+            entry = next(e for e in listing(worker)["loaded"] if e["name"] == path.name)
+            assert entry["llama_model_bytes"] == entry["estimate"]["weights_bytes"]
+            measured[path.name].append(entry["memory_bytes"])
+            estimated[path.name] = entry["estimated_bytes"]
+            assert requests.post(worker.url + "/unload", json={"model": path.name}).ok
+    for name, samples in measured.items():
+        need = sorted(samples)[1]
+        assert abs(estimated[name] - need) <= 0.25 * need, (name, estimated[name], samples)
