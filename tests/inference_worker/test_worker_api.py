@@ -339,3 +339,15 @@ def test_json_without_content_type_and_oversized_bodies(worker, model_a):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = requests.post(worker.url + "/infer", json={"prompt": "word " * 100_000})  # refused before tokenizing
     assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"
+
+
+@pytest.mark.parametrize("kwargs,status,code", [
+    ({"json": {"model": "../a.gguf"}}, 400, "invalid_model_name"),
+    ({"data": "not json"}, 400, "invalid_json"),
+])
+def test_unload_checks_its_body(worker, model_a, kwargs, status, code):
+    _upload(worker.url, "a.gguf", model_a.read_bytes(), "/load_model_from_store")
+    r = requests.post(worker.url + "/unload", **kwargs)
+    assert (r.status_code, r.json()["error"]["code"]) == (status, code)
+    assert [m["name"] for m in requests.get(worker.url + "/models").json()["loaded"]] == ["a.gguf"]
+    assert requests.post(worker.url + "/unload", json={"model": "other.gguf"}).json() == {"unloaded": []}
