@@ -311,3 +311,16 @@ def test_prompt_too_long_is_a_400_with_its_code(services, models_dir, tmp_path):
     assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"
     assert r.headers["X-Cache-Action"] == "load_from_store"  # the swap it caused is reported
     assert ask(store, "a.gguf")[0] == 200  # the worker still serves
+
+
+def test_store_starting_against_a_worker_with_several_models_loaded_keeps_one(services, worker, models_dir):
+    for name in ("a.gguf", "b.gguf"):
+        requests.post(worker.url + "/cache_model", data=(models_dir / name).read_bytes(),
+                      headers={"X-Model-Name": name}).raise_for_status()
+        requests.post(worker.url + "/load_model_from_local_store", headers={"X-Model-Name": name}).raise_for_status()
+    store = services.store(models_dir, worker)
+    loaded = [m["name"] for m in requests.get(worker.url + "/models").json()["loaded"]]
+    assert loaded == ["b.gguf"]  # the store holds one model at a time; it keeps the last loaded
+    assert ask(store, "b.gguf")[1] == "already_loaded"
+    assert ask(store, "a.gguf")[1] == "load_from_local_store"
+    assert [m["name"] for m in requests.get(worker.url + "/models").json()["loaded"]] == ["a.gguf"]
