@@ -351,3 +351,29 @@ def test_unload_checks_its_body(worker, model_a, kwargs, status, code):
     assert (r.status_code, r.json()["error"]["code"]) == (status, code)
     assert [m["name"] for m in requests.get(worker.url + "/models").json()["loaded"]] == ["a.gguf"]
     assert requests.post(worker.url + "/unload", json={"model": "other.gguf"}).json() == {"unloaded": []}
+
+
+def test_no_log_line_is_lost_while_models_load(worker, model_a):
+    # llama-cpp-python points fds 1 and 2 at /dev/null while it loads; the worker logs elsewhere.
+    _upload(worker.url, "a.gguf", model_a.read_bytes())
+    before = worker.log().count("GET /health 200")
+    made = 0
+    done = threading.Event()
+
+    def hammer():
+        nonlocal made
+        with requests.Session() as s:
+            while not done.is_set():
+                assert s.get(worker.url + "/health").status_code == 200
+                made += 1
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        for _ in range(30):
+            assert requests.post(worker.url + "/load_model_from_local_store", headers={"X-Model-Name": "a.gguf"}).ok
+            assert requests.post(worker.url + "/unload", json={"model": "a.gguf"}).ok
+    finally:
+        done.set()
+        t.join()
+    assert worker.log().count("GET /health 200") - before == made
