@@ -13,6 +13,7 @@ from model_store_server.policy import build_policy
 from model_store_server.swapper import Swapper
 from model_store_server.transport import build_transport
 from model_store_server.worker_client import WorkerClient
+from model_swap.auth import install_token_check
 from model_swap.errors import ApiError, register_error_handlers
 from model_swap.web import install_request_logging
 
@@ -29,6 +30,7 @@ def create_app(config: StoreConfig) -> Flask:
     app.extensions["store"] = {"config": config, "swapper": swapper, "metrics": metrics}
     register_error_handlers(app)
     install_request_logging(app, log)
+    install_token_check(app, config.api_key, open_endpoints={"admin.health"})
 
     from model_store_server import routes_admin, routes_openai, routes_user
 
