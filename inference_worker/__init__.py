@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from flask import Flask
 
@@ -27,6 +28,8 @@ def create_app(config: WorkerConfig, engine: Engine | None = None) -> Flask:
         "cache": cache,
         "engine": engine or Engine(config.n_ctx, config.n_gpu_layers),
         "metrics": WorkerMetrics(),
+        # Tells the store that this is a new process: whatever it believed about the last one is void.
+        "boot_id": uuid.uuid4().hex,
     }
     register_error_handlers(app)
     install_request_logging(app, log)

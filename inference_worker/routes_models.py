@@ -97,6 +97,7 @@ def list_models():
         "loaded": engine.loaded,
         "cached": [m.to_json() for m in state.cache().list()],
         "queue_depth": engine.queue_depth(),
+        "boot_id": state.boot_id(),
     })
 
 

@@ -13,7 +13,7 @@ bp = Blueprint("ops", __name__)
 @bp.get("/health")
 def health():
     """Liveness: answers without a token."""
-    return jsonify({"status": "ok", "loaded": state.engine().loaded})
+    return jsonify({"status": "ok", "loaded": state.engine().loaded, "boot_id": state.boot_id()})
 
 
 @bp.get("/metrics")

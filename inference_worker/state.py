@@ -19,3 +19,7 @@ def engine() -> Engine:
 
 def metrics() -> WorkerMetrics:
     return current_app.extensions["worker"]["metrics"]
+
+
+def boot_id() -> str:
+    return current_app.extensions["worker"]["boot_id"]

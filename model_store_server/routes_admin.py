@@ -44,7 +44,7 @@ def models():
     swapper = _swapper()
     config = current_app.extensions["store"]["config"]
     try:
-        worker = swapper.worker.state()
+        worker = swapper.worker_state()
         worker_view = {"reachable": True, "loaded": worker.loaded, "cached": [c["name"] for c in worker.cached]}
     except ApiError:
         worker_view = {"reachable": False, "loaded": None, "cached": []}
@@ -60,9 +60,8 @@ def models():
 
 @bp.get("/health")
 def health():
-    """Liveness of the store, and whether the worker answers."""
-    worker_ok = _swapper().worker.health()
-    return jsonify({"status": "ok", "worker": "ok" if worker_ok else "unreachable"})
+    """Liveness of the store, and whether the worker answers an authenticated call."""
+    return jsonify({"status": "ok", "worker": _swapper().worker_status()})
 
 
 @bp.get("/metrics")

@@ -18,7 +18,7 @@ from model_store_server.metrics import StoreMetrics
 from model_store_server.policy import CacheFull, CachePolicy, TooLargeForCache
 from model_store_server.scheduler import Scheduler
 from model_store_server.transport import Transport
-from model_store_server.worker_client import WorkerClient
+from model_store_server.worker_client import WorkerClient, WorkerState
 from model_swap.errors import ApiError
 from model_swap.names import check_model_name
 from model_swap.once import Once
@@ -74,6 +74,7 @@ class Swapper:
         self._loaded: str | None = None
         self._admitted_sha: dict[str, str] = {}  # digest of the copy each cached model has on the worker
         self._stale = True  # the worker's state must be read before the next change
+        self._boot_id: str | None = None  # the worker process our belief is about
 
     def cached(self) -> list[str]:
         with self._policy_lock:
@@ -113,6 +114,39 @@ class Swapper:
         finally:
             self.scheduler.release_shared()
 
+    def worker_state(self) -> WorkerState:
+        """The worker's own listing (noting a restart, if its boot id changed)."""
+        state = self.worker.state()
+        self._note_boot(state.boot_id)
+        return state
+
+    def worker_status(self) -> str:
+        """ok, unauthorized, unreachable or error (noting a restart, if its boot id changed)."""
+        status, state = self.worker.status()
+        if state is not None:
+            self._note_boot(state.boot_id)
+        return status
+
+    def _note_boot(self, boot_id: str | None) -> None:
+        """Compare the worker's boot id with the one our belief is about; a new one voids the belief."""
+        if boot_id is None:
+            return
+        if self._boot_id is not None and boot_id != self._boot_id:
+            log.warning("[reconcile] the worker restarted (boot id %s, was %s); reading its state again",
+                        boot_id[:8], self._boot_id[:8])
+            self.worker_lost_model()
+        self._boot_id = boot_id
+
+    def _check_worker_boot(self, model: StoredModel | None) -> None:
+        """Before deciding anything, make sure the worker is the process our belief is about.
+
+        Skipped for a hit on the loaded model: if the worker restarted, its 409 says so.
+        """
+        if self._stale or (model is not None and self._loaded == model.name
+                           and self._admitted_sha.get(model.name) == model.sha256):
+            return
+        self._note_boot(self.worker.boot_id())
+
     def mark_stale(self) -> None:
         """The worker may have changed behind our back (restart, lost connection)."""
         self._stale = True
@@ -126,6 +160,7 @@ class Swapper:
 
     def _ensure_loaded(self, model: StoredModel) -> Outcome:
         try:
+            self._check_worker_boot(model)
             if self._stale:
                 self._reconcile()
             return self._bring(model, load=True)
@@ -258,6 +293,7 @@ class Swapper:
     def _reconcile(self) -> None:
         """Adopt the worker's files that match ours (name and sha256); delete the rest there."""
         state = self.worker.state()
+        self._boot_id = state.boot_id
         adopted, removed = [], []
         with self._policy_lock:
             self.policy.clear()
@@ -299,6 +335,7 @@ class Swapper:
         """Run an admin action with exclusive access to the worker."""
         self.scheduler.acquire(None)
         try:
+            self._check_worker_boot(None)
             if self._stale:
                 self._reconcile()
             return action()
@@ -323,7 +360,7 @@ class Swapper:
             self.worker.unload()
             self._loaded = None
             deleted: list[str] = []
-            for entry in _valid_entries(self.worker.state().cached, "reset"):
+            for entry in _valid_entries(self.worker_state().cached, "reset"):
                 self._delete_quietly(entry["name"], deleted)
             with self._policy_lock:
                 self.policy.clear()

@@ -18,6 +18,15 @@ def models_dir(make_model, tmp_path):
     return d
 
 
+def test_store_health_reports_a_wrong_worker_token(services, models_dir):
+    worker = services.worker(token="t0ken")
+    store = services.store(models_dir, worker, token="wrong")
+    body = requests.get(store.url + "/health", timeout=10).json()
+    assert body["worker"] == "unauthorized"
+    right = services.store(models_dir, worker, token="t0ken")
+    assert requests.get(right.url + "/health", timeout=10).json()["worker"] == "ok"
+
+
 def test_store_api_key_guards_every_endpoint_but_health(services, models_dir):
     worker = services.worker()
     store = services.store(models_dir, worker, extra=["--api-key", "k3y"])
