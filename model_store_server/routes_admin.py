@@ -48,8 +48,10 @@ def models():
         worker_view = {"reachable": True, "loaded": worker.loaded, "cached": [c["name"] for c in worker.cached]}
     except ApiError:
         worker_view = {"reachable": False, "loaded": None, "cached": []}
+    usable, unusable = swapper.catalog.scan()
     return jsonify({
-        "models": [m.to_json() for m in swapper.catalog.list()],
+        "models": [m.to_json() for m in usable],
+        "unusable": [u.to_json() for u in unusable],
         "policy": {"name": config.cache_policy, "cached": swapper.cached(), "loaded": swapper.loaded(),
                    "max_cache_size": config.max_cache_size, "max_cache_bytes": config.max_cache_bytes,
                    "ttl_seconds": config.ttl_seconds},

@@ -190,6 +190,8 @@ class Swapper:
                 return Outcome("load_from_local_store", decision_ms=decision_ms,
                                worker_ms=(time.perf_counter() - worker_started) * 1000)
             except ApiError as err:
+                if err.code == "load_failed":  # a file the worker cannot load must not keep a slot
+                    self._forget_on_worker(name)
                 if err.code != "model_not_cached":
                     raise
                 log.warning("[swap] %s vanished from the worker's disk; sending it again", name)
@@ -251,6 +253,8 @@ class Swapper:
         try:
             self._load(name)
         except ApiError as err:
+            if err.code == "load_failed":
+                self._forget_on_worker(name)
             if err.code != "model_not_cached":
                 raise
             return None
