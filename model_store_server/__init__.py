@@ -8,6 +8,7 @@ from flask import Flask
 
 from model_store_server.catalog import Catalog
 from model_store_server.config import StoreConfig
+from model_store_server.forwarding import install_request_lines
 from model_store_server.metrics import StoreMetrics
 from model_store_server.policy import build_policy
 from model_store_server.swapper import Swapper
@@ -31,6 +32,7 @@ def create_app(config: StoreConfig) -> Flask:
     register_error_handlers(app)
     install_request_logging(app, log)
     install_token_check(app, config.api_key, open_endpoints={"admin.health"})
+    install_request_lines(app)
 
     from model_store_server import routes_admin, routes_openai, routes_user
 

@@ -68,9 +68,7 @@ def _generate(chat: bool):
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "invalid_request", "stream must be true or false")
-    store = current_app.extensions["store"]
-    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
-    forward = start_generation(store["swapper"], store["config"].cache_policy, endpoint, model, request, "ndjson")
+    forward = start_generation(current_app.extensions["store"]["swapper"], model, request, "ndjson")
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     base = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model}

@@ -17,6 +17,5 @@ def user_request():
     body = json_body()
     request = parse_generation(body, chat=False)
     model = check_model_name(body.get("model"))
-    store = current_app.extensions["store"]
-    forward = start_generation(store["swapper"], store["config"].cache_policy, "/user_request", model, request)
+    forward = start_generation(current_app.extensions["store"]["swapper"], model, request)
     return forward.attach(Response(forward.chunks(), mimetype="text/plain"))
