@@ -16,7 +16,6 @@ from flask import Blueprint, Response, current_app, jsonify
 
 from model_store_server.forwarding import Forward, start_generation
 from model_swap.errors import ApiError
-from model_swap.names import check_model_name
 from model_swap.web import json_body, parse_generation
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -64,7 +63,7 @@ def _generate(chat: bool):
     if not chat and not isinstance(body.get("prompt"), str):
         raise ApiError(400, "invalid_request", "prompt must be one string")
     request = parse_generation(body, chat=chat)
-    model = check_model_name(body.get("model"))
+    model = current_app.extensions["store"]["swapper"].catalog.check_name(body.get("model"))
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "invalid_request", "stream must be true or false")

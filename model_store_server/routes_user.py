@@ -5,7 +5,6 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app
 
 from model_store_server.forwarding import start_generation
-from model_swap.names import check_model_name
 from model_swap.web import json_body, parse_generation
 
 bp = Blueprint("user", __name__)
@@ -16,6 +15,6 @@ def user_request():
     """Stream generated text for {"prompt", "model", "max_tokens"}; headers tell the cache action."""
     body = json_body()
     request = parse_generation(body, chat=False)
-    model = check_model_name(body.get("model"))
+    model = current_app.extensions["store"]["swapper"].catalog.check_name(body.get("model"))
     forward = start_generation(current_app.extensions["store"]["swapper"], model, request)
     return forward.attach(Response(forward.chunks(), mimetype="text/plain"))

@@ -11,18 +11,20 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    """An error with its own HTTP status, stable snake_case code and headers."""
+    """An error with its own HTTP status, stable snake_case code and headers (and optional extra fields)."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 details: dict | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.details = details or {}  # more fields for the error object, beside code and message
 
     def to_response(self):
         """Render as the JSON envelope."""
-        response = jsonify({"error": {"code": self.code, "message": self.message}})
+        response = jsonify({"error": {**self.details, "code": self.code, "message": self.message}})
         response.status_code = self.status
         response.headers.update(self.headers)
         return response
