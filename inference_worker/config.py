@@ -29,6 +29,7 @@ class WorkerConfig:
     reserve_disk_bytes: int = 256 << 20
     rdma_port: int | None = None
     threads: int = 16
+    request_timeout_s: float = 30.0
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -44,6 +45,8 @@ class WorkerConfig:
             raise ConfigError("reserved disk bytes must not be negative")
         if self.threads < 1:
             raise ConfigError("threads must be at least 1")
+        if self.request_timeout_s <= 0:
+            raise ConfigError(f"REQUEST_TIMEOUT_S must be positive, got {self.request_timeout_s}")
         if self.host not in LOOPBACK_HOSTS and not self.token and not self.allow_insecure:
             raise ConfigError(
                 f"refusing to bind {self.host} without WORKER_TOKEN: anyone could write models; "
@@ -70,6 +73,8 @@ def load_worker_config(argv: Sequence[str] | None = None, env: Mapping[str, str]
     parser.add_argument("--rdma-port", default=env.get("WORKER_RDMA_PORT"),
                         help="start the RDMA listener on this port (needs pyverbs and a device)")
     parser.add_argument("--threads", default=env.get("WORKER_THREADS", str(d.threads)))
+    parser.add_argument("--request-timeout-s", default=env.get("REQUEST_TIMEOUT_S", str(d.request_timeout_s)),
+                        help="seconds a client may take to send its request, or stall reading a response")
     parser.add_argument("--log-level", default=env.get("LOG_LEVEL", d.log_level))
     args = parser.parse_args(argv)
     return WorkerConfig(
@@ -84,5 +89,6 @@ def load_worker_config(argv: Sequence[str] | None = None, env: Mapping[str, str]
         reserve_disk_bytes=parse_number(args.reserve_disk_bytes, "RESERVE_DISK_BYTES"),
         rdma_port=parse_optional_number(args.rdma_port, "WORKER_RDMA_PORT"),
         threads=parse_number(args.threads, "threads"),
+        request_timeout_s=parse_number(args.request_timeout_s, "REQUEST_TIMEOUT_S", float),
         log_level=args.log_level,
     )

@@ -30,12 +30,20 @@ class ApiError(Exception):
         return response
 
 
+class ClientTimeout(TimeoutError):
+    """The client sent nothing for REQUEST_TIMEOUT_S while its request body was being read."""
+
+
 def register_error_handlers(app: Flask) -> None:
     """Answer every error, expected or not, with the envelope."""
 
     @app.errorhandler(ApiError)
     def _api_error(err: ApiError):
         return err.to_response()
+
+    @app.errorhandler(ClientTimeout)
+    def _client_timeout(err: ClientTimeout):
+        return ApiError(408, "request_timeout", str(err), {"Connection": "close"}).to_response()
 
     @app.errorhandler(HTTPException)
     def _http_error(err: HTTPException):
