@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -32,10 +33,17 @@ def json_body() -> dict:
     """Return the request's JSON object (whatever its Content-Type says) or raise 400 invalid_json."""
     if (request.content_length or 0) > MAX_JSON_BYTES:
         raise ApiError(413, "request_too_large", f"JSON bodies are limited to {MAX_JSON_BYTES} bytes")
-    body = request.get_json(force=True, silent=True)
-    if not isinstance(body, dict):
+    if "json_body" not in g:
+        data = request.stream.read(MAX_JSON_BYTES + 1)  # a chunked body has no length to check first
+        if len(data) > MAX_JSON_BYTES:
+            raise ApiError(413, "request_too_large", f"JSON bodies are limited to {MAX_JSON_BYTES} bytes")
+        try:
+            g.json_body = json.loads(data)
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
+            raise ApiError(400, "invalid_json", "request body is not valid JSON") from None
+    if not isinstance(g.json_body, dict):
         raise ApiError(400, "invalid_json", "request body must be a JSON object")
-    return body
+    return g.json_body
 
 
 def int_field(body: dict, key: str, default: int, low: int, high: int) -> int:
@@ -71,14 +79,25 @@ class GenerationRequest:
         return body
 
 
+def _text(value: str, field: str) -> str:
+    """Refuse text that cannot be UTF-8: JSON's \\ud800-\\udfff escapes decode to lone surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ApiError(400, "invalid_request", f"{field} holds a lone surrogate ({value[err.start]!a} at "
+                                               f"character {err.start}), which is not text") from None
+    return value
+
+
 def _messages(value: object) -> tuple[dict, ...]:
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_MESSAGES:
         raise ApiError(400, "invalid_request", f"messages must be a list of 1 to {MAX_MESSAGES} messages")
-    for message in value:
+    for i, message in enumerate(value):
         if (not isinstance(message, dict) or message.get("role") not in CHAT_ROLES
                 or not isinstance(message.get("content"), str)):
             raise ApiError(400, "invalid_request",
                            "each message needs a role (system, user or assistant) and a string content")
+        _text(message["content"], f"messages[{i}].content")
     return tuple({"role": m["role"], "content": m["content"]} for m in value)
 
 
@@ -98,6 +117,7 @@ def parse_generation(body: dict, chat: bool | None = None) -> GenerationRequest:
         prompt, messages = body.get("prompt"), None
         if not isinstance(prompt, str) or not prompt:
             raise ApiError(400, "invalid_request", "prompt must be a non-empty string")
+        _text(prompt, "prompt")
     max_tokens = int_field(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, 1 << 20)
     temperature = body.get("temperature")
     if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
