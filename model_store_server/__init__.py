@@ -39,11 +39,14 @@ def create_app(config: StoreConfig) -> Flask:
     app.register_blueprint(routes_user.bp)
     app.register_blueprint(routes_openai.bp)
     app.register_blueprint(routes_admin.bp)
+    reconciled = "not yet"
     if config.reconcile_on_start:
         try:
-            swapper.reconcile()
+            outcome = swapper.reconcile()
+            reconciled = (f"kept on the worker: [{', '.join(outcome.cached)}], "
+                          f"deleted on the worker: [{', '.join(outcome.evicted)}]")
         except ApiError as err:
             log.warning("worker not reconciled at start-up (%s); will retry on the next request", err.message)
-    log.info("store ready: models=%s policy=%s worker=%s transport=%s", swapper.catalog.root,
-             config.cache_policy, config.worker_url, config.transport)
+    log.info("store ready: models=%s policy=%s worker=%s transport=%s; %s", swapper.catalog.root,
+             config.cache_policy, config.worker_url, config.transport, reconciled)
     return app

@@ -54,6 +54,7 @@ class Swapper:
         self._admitted_sha: dict[str, str] = {}  # digest of the copy each cached model has on the worker
         self._stale = True  # the worker's state must be read before the next change
         self._boot_id: str | None = None  # the worker process our belief is about
+        self.last_reconciled = Outcome("reconciled")  # what the last reconciliation kept and deleted
 
     def cached(self) -> list[str]:
         with self._policy_lock:
@@ -303,22 +304,26 @@ class Swapper:
         """Adopt the worker's files that match ours (name and sha256); delete the rest there."""
         state = self.worker.state()
         self._boot_id = state.boot_id
-        adopted, removed = [], []
+        adopted: list[str] = []
+        removed: list[str] = []
         with self._policy_lock:
             self.policy.clear()
         self._admitted_sha.clear()
         for entry in _valid_entries(state.cached, "reconcile"):  # oldest use first: recency survives
             name = entry["name"]
-            ours = self.catalog.get(name) if self.catalog.has(name) else None
-            if ours is None or ours.sha256 != entry.get("sha256"):
-                self._delete_quietly(name, removed)
+            ours, reason = self._our_copy(name, entry.get("sha256"))
+            if ours is None:
+                self._delete_quietly(name, reason, removed)
                 continue
             try:
                 with self._policy_lock:
                     admission = self.policy.admit(name, ours.size)
             except (CacheFull, TooLargeForCache):
-                self._delete_quietly(name, removed)
+                self._delete_quietly(name, f"the {self.policy.name} policy has no room for it", removed)
                 continue
+            for victim in admission.evicted:
+                log.warning("[reconcile] deleting %s on the worker: the %s policy evicts it to keep %s",
+                            victim, self.policy.name, name)
             self._evict(admission.evicted)
             removed.extend(admission.evicted)
             adopted.append(name)
@@ -327,11 +332,25 @@ class Swapper:
             kept = set(self.policy.entries())
         self._loaded = state.loaded if state.loaded in kept else None
         self._stale = False
+        self.last_reconciled = Outcome("reconciled", tuple(removed), cached=adopted)
         log.info("[reconcile] adopted=[%s] removed=[%s] loaded=%s", ", ".join(adopted), ", ".join(removed),
                  self._loaded)
 
-    def _delete_quietly(self, name: str, removed: list[str]) -> None:
-        """Delete a file on the worker; only an unreachable worker stops the caller."""
+    def _our_copy(self, name: str, sha256: str | None) -> tuple[StoredModel | None, str]:
+        """The store's copy of a file the worker has, or None and why the worker's copy must go."""
+        if not self.catalog.has(name):
+            return None, f"not in MODELS_DIR ({self.catalog.root})"
+        try:
+            ours = self.catalog.get(name)
+        except ApiError as err:
+            return None, f"not usable in MODELS_DIR ({err.code})"
+        if ours.sha256 != sha256:
+            return None, "its bytes differ from the copy in MODELS_DIR (sha256)"
+        return ours, ""
+
+    def _delete_quietly(self, name: str, reason: str, removed: list[str]) -> None:
+        """Delete a file on the worker, saying why at WARNING; only an unreachable worker stops the caller."""
+        log.warning("[reconcile] deleting %s on the worker: %s", name, reason)
         try:
             self.worker.delete(name)
             removed.append(name)
@@ -370,7 +389,7 @@ class Swapper:
             self._loaded = None
             deleted: list[str] = []
             for entry in _valid_entries(self.worker_state().cached, "reset"):
-                self._delete_quietly(entry["name"], deleted)
+                self._delete_quietly(entry["name"], "POST /admin/reset", deleted)
             with self._policy_lock:
                 self.policy.clear()
             self._admitted_sha.clear()
@@ -380,7 +399,8 @@ class Swapper:
 
         return self.run_exclusive(_wipe)
 
-    def reconcile(self) -> None:
-        """Read the worker's state now (at start-up)."""
+    def reconcile(self) -> Outcome:
+        """Read the worker's state now (at start-up); the outcome lists what was deleted, and cached what was kept."""
         self._stale = True
         self.run_exclusive(lambda: Outcome("reconciled"))
+        return self.last_reconciled

@@ -39,3 +39,25 @@ def test_worker_reports_a_boot_id_that_changes_on_restart(services):
     worker.stop()
     worker.start()
     assert requests.get(worker.url + "/health", timeout=10).json()["boot_id"] != first
+
+
+def test_reconciliation_deletions_are_warned_about_and_summed_up(services, make_model, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    make_model(first, "a.gguf", seed=1)
+    make_model(first, "b.gguf", seed=2)
+    make_model(second, "b.gguf", seed=3)  # same name, other bytes
+    make_model(second, "c.gguf", seed=4)
+    worker = services.worker()
+    store = services.store(first, worker)
+    for name in ("a.gguf", "b.gguf"):
+        assert ask(store, name)[0] == 200
+    store.stop()
+    store = services.store(second, worker)  # restarted with another MODELS_DIR
+    assert sorted(p.name for p in worker.cache_dir.iterdir()) == []
+    lines = store.log().splitlines()
+    warned = [line for line in lines if " WARNING " in line and "[reconcile] deleting" in line]
+    assert len(warned) == 2
+    assert any("a.gguf" in line and "not in MODELS_DIR" in line for line in warned)
+    assert any("b.gguf" in line and "differ" in line for line in warned)
+    [ready] = [line for line in lines if "store ready:" in line]
+    assert "deleted on the worker: [a.gguf, b.gguf]" in ready
