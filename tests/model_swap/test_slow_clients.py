@@ -111,3 +111,16 @@ def test_a_stream_nobody_reads_is_cut_off_and_its_turn_released(services, models
         assert result["status"] == 200
     finally:
         reader.close()
+
+
+def test_an_upload_that_stops_arriving_is_a_408_and_leaves_no_file(services):
+    worker = services.worker(env={"REQUEST_TIMEOUT_S": str(TIMEOUT_S)})
+    host, port = worker.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        # More than the event loop reads ahead, so a thread reads the rest of this body.
+        s.sendall(b"POST /cache_model HTTP/1.1\r\nHost: x\r\nX-Model-Name: big.gguf\r\n"
+                  b"Content-Length: 3000000\r\n\r\nGGUF" + b"\0" * 1_500_000)
+        answer = wait_closed(s, within_s=TIMEOUT_S + 4)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"]["code"] == "request_timeout"
+    assert [p.name for p in worker.cache_dir.iterdir()] == []
