@@ -219,12 +219,13 @@ class GuardedThreadWorker(ThreadWorker):
         return super().handle(conn)
 
     def murder_pending(self):
-        """Also close requests that did not arrive in time (all of them when the worker stops)."""
+        """Also close requests that did not arrive in time, and, once stopping, connections that sent nothing."""
         super().murder_pending()
         now = time.monotonic()
         for conn, arrival in list(self._arriving.items()):
-            if arrival.deadline <= now or not self.alive:
-                if arrival.buf and self.alive:
+            # A stopping worker still answers a request that is on its way (with Connection: close).
+            if arrival.deadline <= now or (not self.alive and not arrival.buf):
+                if arrival.buf:
                     log.warning("[serving] a request from %s did not arrive within %gs; answering 408",
                                 conn.client[0] if conn.client else "?", self.request_timeout_s)
                     self._send_quietly(conn, error_response(
