@@ -44,17 +44,16 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ClientTimeout)
     def _client_timeout(err: ClientTimeout):
-        return ApiError(408, "request_timeout", str(err), {"Connection": "close"}).to_response()
+        return ApiError(408, "request_timeout", str(err)).to_response()
 
     # A body that ends early or breaks the chunked framing surfaces while the view reads it.
     @app.errorhandler(http_errors.NoMoreData)
     def _body_cut_off(err: Exception):
-        return ApiError(400, "incomplete_body", "the request body ended early", {"Connection": "close"}).to_response()
+        return ApiError(400, "incomplete_body", "the request body ended early").to_response()
 
     @app.errorhandler(http_errors.ParseException)
     def _bad_body(err: Exception):
-        return ApiError(400, "invalid_chunked_body", f"the request body is malformed: {err}",
-                        {"Connection": "close"}).to_response()
+        return ApiError(400, "invalid_chunked_body", f"the request body is malformed: {err}").to_response()
 
     @app.errorhandler(HTTPException)
     def _http_error(err: HTTPException):

@@ -129,6 +129,8 @@ class GuardedThreadWorker(ThreadWorker):
         self._arriving: dict[TConn, _Arrival] = {}
 
     def accept(self, listener):
+        if self.cfg.is_ssl:  # TLS handshakes happen in threads; this worker does not read them ahead
+            return super().accept(listener)
         try:
             client, addr = listener.accept()
         except OSError as e:
