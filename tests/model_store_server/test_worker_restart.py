@@ -22,23 +22,17 @@ def test_worker_restarted_with_an_empty_cache_leaves_no_phantom_entries(services
     store = services.store(models, worker, policy="no-evict", max_cache_size=2)
     assert ask(store, "a.gguf")[:2] == (200, "load_from_store")
     assert ask(store, "b.gguf")[:2] == (200, "load_from_store")
+    boot_id = requests.get(worker.url + "/health", timeout=10).json()["boot_id"]
+    assert requests.get(worker.url + "/models", timeout=10).json()["boot_id"] == boot_id
     worker.stop()
     shutil.rmtree(worker.cache_dir)  # a new machine, or a cache on tmpfs: the files are gone
     worker.start()
+    assert requests.get(worker.url + "/health", timeout=10).json()["boot_id"] != boot_id
     # The store believed the cache full (a, b); the worker's disk is empty, so c must be admitted.
     status, action, r = ask(store, "c.gguf")
     assert (status, action) == (200, "load_from_store"), r.text
     listing = requests.get(store.url + "/models", timeout=10).json()
     assert listing["policy"]["cached"] == ["c.gguf"] == sorted(p.name for p in worker.cache_dir.iterdir())
-
-
-def test_worker_reports_a_boot_id_that_changes_on_restart(services):
-    worker = services.worker()
-    first = requests.get(worker.url + "/health", timeout=10).json()["boot_id"]
-    assert requests.get(worker.url + "/models", timeout=10).json()["boot_id"] == first
-    worker.stop()
-    worker.start()
-    assert requests.get(worker.url + "/health", timeout=10).json()["boot_id"] != first
 
 
 def test_reconciliation_deletions_are_warned_about_and_summed_up(services, make_model, tmp_path):
