@@ -97,9 +97,7 @@ class Generation:
 
     def stream(self, request: GenerationRequest) -> Iterator[str]:
         """Yield text pieces as llama.cpp produces them; finish_reason is set when it ends."""
-        kwargs: dict = {"max_tokens": request.max_tokens, "stream": True}
-        if request.temperature is not None:
-            kwargs["temperature"] = request.temperature
+        kwargs = {"stream": True, **request.sampling_kwargs()}
         if request.messages is not None:
             chunks = self._llm.create_chat_completion(list(request.messages), **kwargs)
         else:

@@ -2,7 +2,8 @@
 
 The same swap path as /user_request (the cache headers are set here too); the worker streams
 ndjson events, which become server-sent events (`data: {json}` ... `data: [DONE]`) or one JSON
-body. Tool calls, n > 1, logprobs and the like are refused rather than ignored.
+body. Sampling parameters llama.cpp has (seed, top_p, stop, penalties, max_completion_tokens) are
+applied; tool calls, n > 1, logprobs, logit_bias and anything unknown are refused, never ignored.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ from flask import Blueprint, Response, current_app, jsonify
 
 from model_store_server.forwarding import Forward, start_generation
 from model_swap.errors import ApiError
-from model_swap.names import check_model_name
-from model_swap.web import json_body, parse_generation
+from model_swap.web import GENERATION_FIELDS, json_body, parse_generation, refuse_unknown
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
-# Parameters that would change the answer's meaning: refused unless given their neutral value.
+# Parameters model-swap cannot apply: accepted only with the value that asks for nothing.
 NEUTRAL = {"n": (None, 1), "best_of": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0),
-           "echo": (None, False), "suffix": (None,), "stop": (None, [], ""), "tools": (None, []),
+           "echo": (None, False), "suffix": (None,), "tools": (None, []),
            "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
            "response_format": (None, {"type": "text"})}
+# Applied (GENERATION_FIELDS go to llama.cpp), or metadata with no effect on the answer ("user").
+ACCEPTED = GENERATION_FIELDS | {"model", "stream", "user"} | set(NEUTRAL)
 
 
 def _events(forward: Forward) -> Iterator[dict]:
@@ -58,19 +60,18 @@ def _choice(chat: bool, text: str | None, finish_reason: str | None, stream: boo
 
 def _generate(chat: bool):
     body = json_body()
+    refuse_unknown(body, ACCEPTED)
     for key, neutral in NEUTRAL.items():
         if body.get(key) not in neutral:
             raise ApiError(400, "unsupported_parameter", f"{key}={body.get(key)!r} is not supported by model-swap")
     if not chat and not isinstance(body.get("prompt"), str):
         raise ApiError(400, "invalid_request", "prompt must be one string")
     request = parse_generation(body, chat=chat)
-    model = check_model_name(body.get("model"))
+    model = current_app.extensions["store"]["swapper"].catalog.check_name(body.get("model"))
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "invalid_request", "stream must be true or false")
-    store = current_app.extensions["store"]
-    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
-    forward = start_generation(store["swapper"], store["config"].cache_policy, endpoint, model, request, "ndjson")
+    forward = start_generation(current_app.extensions["store"]["swapper"], model, request, "ndjson")
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     base = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model}
@@ -109,13 +110,13 @@ def _generate(chat: bool):
 
 @bp.post("/completions")
 def completions():
-    """OpenAI completions: {"model", "prompt", "max_tokens", "temperature", "stream"}."""
+    """OpenAI completions: {"model", "prompt", "stream"} and the sampling fields (GENERATION_FIELDS)."""
     return _generate(chat=False)
 
 
 @bp.post("/chat/completions")
 def chat_completions():
-    """OpenAI chat completions: {"model", "messages", "max_tokens", "temperature", "stream"}."""
+    """OpenAI chat completions: {"model", "messages", "stream"} and the sampling fields (GENERATION_FIELDS)."""
     return _generate(chat=True)
 
 

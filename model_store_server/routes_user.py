@@ -5,18 +5,18 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app
 
 from model_store_server.forwarding import start_generation
-from model_swap.names import check_model_name
-from model_swap.web import json_body, parse_generation
+from model_swap.web import GENERATION_FIELDS, json_body, parse_generation, refuse_unknown
 
 bp = Blueprint("user", __name__)
+ACCEPTED = (GENERATION_FIELDS - {"messages"}) | {"model"}
 
 
 @bp.post("/user_request")
 def user_request():
-    """Stream generated text for {"prompt", "model", "max_tokens"}; headers tell the cache action."""
+    """Stream generated text for {"prompt", "model", "max_tokens", ...}; headers tell the cache action."""
     body = json_body()
+    refuse_unknown(body, ACCEPTED)
     request = parse_generation(body, chat=False)
-    model = check_model_name(body.get("model"))
-    store = current_app.extensions["store"]
-    forward = start_generation(store["swapper"], store["config"].cache_policy, "/user_request", model, request)
+    model = current_app.extensions["store"]["swapper"].catalog.check_name(body.get("model"))
+    forward = start_generation(current_app.extensions["store"]["swapper"], model, request)
     return forward.attach(Response(forward.chunks(), mimetype="text/plain"))

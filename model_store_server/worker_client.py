@@ -49,6 +49,7 @@ class WorkerState:
 
     loaded: tuple[str, ...]  # the resident models' names, in load order
     cached: list[dict]
+    boot_id: str | None  # changes when the worker process restarts
 
 
 class WorkerClient:
@@ -75,13 +76,20 @@ class WorkerClient:
         body = self._call("GET", "/models").json()
         entries = body.get("loaded") or []
         loaded = tuple(e["name"] for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str))
-        return WorkerState(loaded, list(body.get("cached", [])))
+        return WorkerState(loaded, list(body.get("cached", [])), body.get("boot_id"))
 
-    def health(self) -> bool:
+    def boot_id(self) -> str | None:
+        """The worker process's boot id, from its (cheap, unauthenticated) /health."""
+        return self._call("GET", "/health").json().get("boot_id")
+
+    def status(self) -> tuple[str, WorkerState | None]:
+        """"ok", "unauthorized", "unreachable" or "error", through an authenticated call (a wrong token shows)."""
         try:
-            return self._session.get(self.base_url + "/health", timeout=CONNECT_TIMEOUT_S).ok
-        except requests.RequestException:
-            return False
+            return "ok", self.state()
+        except ApiError as err:
+            if err.code in ("unauthorized", "worker_unavailable"):
+                return ("unauthorized" if err.code == "unauthorized" else "unreachable"), None
+            return "error", None
 
     def load_local(self, name: str) -> dict:
         return self._call("POST", "/load_model_from_local_store", headers={"X-Model-Name": name}).json()
