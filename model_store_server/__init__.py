@@ -8,7 +8,9 @@ from flask import Flask
 
 from model_store_server.config import StoreConfig
 from model_store_server.core import build_core
+from model_store_server.forwarding import install_request_lines
 from model_store_server.transport import Transport
+from model_swap.auth import install_token_check
 from model_swap.errors import ApiError, register_error_handlers
 from model_swap.web import install_request_logging
 
@@ -22,19 +24,23 @@ def create_app(config: StoreConfig, worker=None, transport: Transport | None = N
     app.extensions["store"] = {"config": config, "core": core}
     register_error_handlers(app)
     install_request_logging(app, log)
+    install_token_check(app, config.api_key, open_endpoints={"admin.health"})
+    install_request_lines(app)
 
     from model_store_server import routes_admin, routes_openai, routes_user
 
     app.register_blueprint(routes_user.bp)
     app.register_blueprint(routes_openai.bp)
     app.register_blueprint(routes_admin.bp)
+    reconciled = "not yet"
     if config.reconcile_on_start:
         try:
-            core.reconcile()
+            kept, deleted = core.reconcile()
+            reconciled = f"kept on the worker: [{', '.join(kept)}], deleted on the worker: [{', '.join(deleted)}]"
         except ApiError as err:
             log.warning("worker not reconciled at start-up (%s); will retry on the next request", err.message)
     core.start()
-    log.info("store ready: models=%s policy=%s worker=%s transport=%s keep_alive=%ss pinned=[%s] preload=[%s]",
+    log.info("store ready: models=%s policy=%s worker=%s transport=%s keep_alive=%ss pinned=[%s] preload=[%s]; %s",
              core.catalog.root, config.cache_policy, config.worker_url, config.transport, config.keep_alive_seconds,
-             ", ".join(config.pinned_models), ", ".join(config.preload_models))
+             ", ".join(config.pinned_models), ", ".join(config.preload_models), reconciled)
     return app

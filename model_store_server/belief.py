@@ -53,10 +53,10 @@ class Operation:
 
 @dataclass(frozen=True)
 class Reconciliation:
-    """What observe() found when the worker differed from the belief: files to delete there."""
+    """What observe() found when the worker differed from the belief: files to delete there, and why."""
 
     adopted: tuple[str, ...]
-    strays: tuple[str, ...]
+    strays: tuple[tuple[str, str], ...]  # (name, why it must go)
     restarted: bool
 
 
@@ -179,13 +179,15 @@ class WorkerBelief:
 
     # ---- writing: what the worker reported ---------------------------------------------
 
-    def observe(self, state: WorkerState, lookup: Callable[[str], StoredModel | None]) -> Reconciliation | None:
+    def observe(self, state: WorkerState,
+                lookup: Callable[[str], tuple[StoredModel | None, str]]) -> Reconciliation | None:
         """Take in the worker's listing; rebuild from it (and return the strays) if it differs.
 
         A changed boot id (the worker restarted), an earlier error, or a disk or memory that
         is not what we believe all mean: adopt the worker's files that match the store's
         (name and sha256, oldest use first so recency survives), and delete the rest there.
-        `lookup` finds the store's copy of a file; it is called without the lock held."""
+        `lookup` finds the store's copy of a file (or says why there is none); it is called
+        without the lock held."""
         entries = list(valid_entries(state.cached, "reconcile"))
         with self._lock:
             restarted = bool(self._boot_id and state.boot_id and state.boot_id != self._boot_id)
@@ -202,24 +204,27 @@ class WorkerBelief:
         with self._lock:
             return self._rebuild(state, entries, ours, restarted)
 
-    def _rebuild(self, state: WorkerState, entries: list[dict], ours: dict[str, StoredModel | None],
+    def _rebuild(self, state: WorkerState, entries: list[dict], ours: dict[str, tuple[StoredModel | None, str]],
                  restarted: bool) -> Reconciliation:
         self._policy.clear()
         self._admitted_sha.clear()
         adopted: list[str] = []
-        strays: list[str] = []
+        strays: list[tuple[str, str]] = []
         for entry in entries:
-            name, mine = entry["name"], ours.get(entry["name"])
-            if mine is None or mine.sha256 != entry.get("sha256"):
-                strays.append(name)
+            name, (mine, why_not) = entry["name"], ours[entry["name"]]
+            if mine is None:
+                strays.append((name, why_not))
+                continue
+            if mine.sha256 != entry.get("sha256"):
+                strays.append((name, "its bytes differ from the copy in MODELS_DIR (sha256)"))
                 continue
             try:
                 admission = self._policy.admit(name, mine.size)
             except (CacheFull, TooLargeForCache):
-                strays.append(name)
+                strays.append((name, f"the {self._policy.name} policy has no room for it"))
                 continue
             for victim in admission.evicted:
-                strays.append(victim)
+                strays.append((victim, f"the {self._policy.name} policy evicts it to keep {name}"))
                 self._admitted_sha.pop(victim, None)
                 if victim in adopted:
                     adopted.remove(victim)

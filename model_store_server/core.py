@@ -18,7 +18,8 @@ from model_store_server.belief import WorkerBelief
 from model_store_server.catalog import Catalog
 from model_store_server.config import StoreConfig
 from model_store_server.events import EventBus
-from model_store_server.executor import Executor, Lease, Outcome, Settings
+from model_store_server.executor import Executor, Lease, Settings
+from model_store_server.outcome import Outcome
 from model_store_server.gates import WorkerGates
 from model_store_server.metrics import StoreMetrics
 from model_store_server.policy import build_policy
@@ -111,9 +112,15 @@ class StoreCore:
         outcomes = [slot.upkeep.reset() for slot in self.slots]
         return Outcome(action="reset", evicted=[n for o in outcomes for n in o.evicted])
 
-    def reconcile(self) -> None:
+    def reconcile(self) -> tuple[list[str], list[str]]:
+        """Read every worker now and adopt what matches; what was kept and deleted on them."""
+        kept: list[str] = []
+        deleted: list[str] = []
         for slot in self.slots:
-            slot.upkeep.reconcile()
+            k, d = slot.upkeep.reconcile()
+            kept += k
+            deleted += d
+        return kept, deleted
 
     # ---- views ---------------------------------------------------------------------------
 
@@ -138,8 +145,14 @@ class StoreCore:
                             "cached": [c.get("name") for c in truth.cached], "boot_id": truth.boot_id})
         return reports
 
-    def workers_healthy(self) -> bool:
-        return all(slot.client.health() for slot in self.slots)
+    def worker_status(self) -> str:
+        """ok, unauthorized, unreachable or error: how the worker answers an authenticated call."""
+        for slot in self.slots:
+            try:
+                slot.client.state()
+            except ApiError as err:
+                return {"unauthorized": "unauthorized", "worker_unavailable": "unreachable"}.get(err.code, "error")
+        return "ok"
 
     def start(self, preload: bool = True) -> None:
         """Start the timers and, in the background, the preloads."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from model_store_server import planner
@@ -22,6 +22,7 @@ from model_store_server.catalog import Catalog, StoredModel
 from model_store_server.events import EventBus, Ticker
 from model_store_server.gates import LANE, QueueTimeout, WorkerGates
 from model_store_server.metrics import StoreMetrics
+from model_store_server.outcome import Outcome
 from model_store_server.planner import HIT, Plan, Want
 from model_store_server.transport import Transport
 from model_swap.errors import ApiError
@@ -32,21 +33,6 @@ PROGRESS_EVERY_S = 0.25
 # Refusals: the store decided not to serve (nothing half-done); X-Cache-Action says "rejected".
 REFUSALS = frozenset({"cache_full", "model_too_large", "insufficient_memory", "queue_full", "queue_timeout"})
 LOAD_ATTEMPTS = 4
-
-
-@dataclass
-class Outcome:
-    """What one request caused on the worker; filled in as the change goes, so errors report it too."""
-
-    action: str | None = None  # None until a decision was made
-    evicted: list[str] = field(default_factory=list)
-    unloaded: list[str] = field(default_factory=list)
-    decision_ms: float = 0.0
-    worker_ms: float = 0.0
-    queue_ms: float = 0.0
-    transport: str = ""
-    cached: list[str] = field(default_factory=list)
-    loaded: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -239,33 +225,39 @@ class Executor:
 
     # ---- the effects -------------------------------------------------------------------------
 
-    def refresh(self) -> None:
-        """Read the worker (its boot id, files, memory); reconcile first if it is not what we believe."""
+    def refresh(self) -> tuple[list[str], list[str]] | None:
+        """Read the worker (its boot id, files, memory); reconcile first if it is not what we believe.
+
+        Returns what a reconciliation kept and deleted on the worker, or None if there was none."""
         try:
             state = self.worker.state()
         except ApiError as err:
             self.belief.on_worker_error(err)
             raise
-        found = self.belief.observe(state, self._lookup)
+        found = self.belief.observe(state, self._our_copy)
+        result = None
         if found is not None:
             if found.restarted:
                 log.warning("[reconcile] the worker restarted (new boot id); reconciling")
-            removed = []
-            for name in found.strays:
-                if self._delete_stray(name):
-                    removed.append(name)
+            removed = [name for name, why in found.strays if self._delete_stray(name, why)]
             log.info("[reconcile] adopted=[%s] removed=[%s] loaded=[%s]", ", ".join(found.adopted),
                      ", ".join(removed), ", ".join(self.belief.resident()))
+            result = list(found.adopted), removed
         self.gates.sync(self.belief.resident())
+        return result
 
-    def _lookup(self, name: str) -> StoredModel | None:
+    def _our_copy(self, name: str) -> tuple[StoredModel | None, str]:
+        """The store's copy of a file the worker has, or None and why the worker's copy must go."""
+        if not self.catalog.has(name):
+            return None, f"not in MODELS_DIR ({self.catalog.root})"
         try:
-            return self.catalog.get(name) if self.catalog.has(name) else None
-        except ApiError:
-            return None
+            return self.catalog.get(name), ""
+        except ApiError as err:
+            return None, f"not usable in MODELS_DIR ({err.code})"
 
-    def _delete_stray(self, name: str) -> bool:
-        """Delete a file on the worker the store does not know; only an unreachable worker stops the caller."""
+    def _delete_stray(self, name: str, why: str) -> bool:
+        """Delete a file on the worker, saying why at WARNING; only an unreachable worker stops the caller."""
+        log.warning("[reconcile] deleting %s on the worker: %s", name, why)
         try:
             self.worker.delete(name)
         except ApiError as err:
@@ -274,7 +266,6 @@ class Executor:
                 raise
             log.warning("[reconcile] could not delete %s on the worker: %s", name, err.message)
             return False
-        log.warning("[reconcile] deleted %s on the worker: not the store's copy, or no room for it", name)
         return True
 
     def unload(self, name: str, outcome: Outcome | None, reason: str) -> None:

@@ -1,4 +1,9 @@
-"""Forward one generation to the worker: lease the model, start the stream, release at its end."""
+"""Forward one generation to the worker: lease the model, start the stream, release at its end.
+
+Each generation request gets one `[<endpoint>]` log line, whatever became of it (`error=CODE`
+when it failed), written by one after_request hook from the request's `Outcome`; a streaming
+request that waits for its swap on another thread has its line written when the swap ends.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterator
 
-from flask import Response
+from flask import Flask, Response, g, request
 
+from model_store_server import state
 from model_store_server.core import StoreCore
-from model_store_server.executor import Lease, Outcome
+from model_store_server.executor import Lease
+from model_store_server.outcome import Outcome
 from model_store_server.worker_client import WorkerUnavailable
 from model_swap.errors import ApiError
 from model_swap.web import GenerationRequest
@@ -22,6 +29,7 @@ log = logging.getLogger(__name__)
 RETRY_CODES = frozenset({"model_not_loaded", "model_unloading"})
 DURATION_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+GENERATION_ENDPOINTS = frozenset({"user.user_request", "openai.completions", "openai.chat_completions"})
 
 
 @dataclass
@@ -51,22 +59,41 @@ class Forward:
     def attach(self, response: Response) -> Response:
         """Tie the lease to the response's close and add the cache headers."""
         response.call_on_close(self.close)
-        response.headers.update(cache_headers(self.outcome))
+        response.headers.update(self.outcome.headers())
+        response.headers["X-Accel-Buffering"] = "no"
         return response
 
 
-def cache_headers(outcome: Outcome) -> dict[str, str]:
-    """What the request caused, for the response headers."""
-    return {
-        "X-Cache-Action": outcome.action or "",
-        "X-Cache-Evicted": ",".join(outcome.evicted),
-        "X-Cache-Unloaded": ",".join(outcome.unloaded),
-        "X-Decision-Ms": f"{outcome.decision_ms:.2f}",
-        "X-Worker-Ms": f"{outcome.worker_ms:.1f}",
-        "X-Queue-Ms": f"{max(0.0, outcome.queue_ms):.1f}",
-        "X-Transport": outcome.transport,
-        "X-Accel-Buffering": "no",
-    }
+def begin_request(model: str) -> Outcome:
+    """The outcome this generation request fills in; its log line reads it (see install_request_lines)."""
+    g.model = model
+    g.outcome = Outcome()
+    return g.outcome
+
+
+def install_request_lines(app: Flask) -> None:
+    """One `[<endpoint>]` line per generation request, whatever became of it (error=CODE when it failed)."""
+
+    @app.after_request
+    def _log_generation(response: Response) -> Response:
+        if request.endpoint not in GENERATION_ENDPOINTS or g.get("line_deferred"):
+            return response
+        error = None
+        if response.status_code >= 400:
+            body = response.get_json(silent=True) or {}
+            error = (body.get("error") or {}).get("code") or f"http_{response.status_code}"
+        model = g.get("model")
+        write_request_line(state.core(), request.path, model if isinstance(model, str) else "-",
+                           g.get("outcome") or Outcome(), error)
+        return response
+
+
+def write_request_line(store: StoreCore, endpoint: str, model: str, outcome: Outcome,
+                       error: str | None = None) -> None:
+    """Log the request's line; a request that failed before its lease reports both tiers as they are."""
+    if not outcome.cached and not outcome.loaded:
+        outcome.cached, outcome.loaded = store.tiers(model)
+    log_request(endpoint, store.policy_name, model, outcome, error)
 
 
 def log_request(endpoint: str, policy: str, model: str, outcome: Outcome, error: str | None = None) -> None:
@@ -93,64 +120,84 @@ def keep_alive_of(body: dict) -> float | None:
     return float(match.group(1)) * UNITS_S[match.group(2)]
 
 
-def start_generation(store: StoreCore, endpoint: str, model: str, request: GenerationRequest,
-                     stream_format: str = "text", keep_alive_s: float | None = None) -> Forward:
-    """Make sure `model` is loaded and start generating; one retry if the worker lost it. One log line."""
-    outcome = Outcome()
+def start_generation(store: StoreCore, model: str, generation: GenerationRequest, stream_format: str = "text",
+                     keep_alive_s: float | None = None, outcome: Outcome | None = None) -> Forward:
+    """Make sure `model` is loaded and start generating; one retry if the worker lost it.
+
+    `outcome` says what the request caused, also when it fails; after a decision, the error
+    carries the cache headers too."""
+    outcome = Outcome() if outcome is None else outcome
     try:
         for attempt in (1, 2):
             lease = store.lease(model, keep_alive_s, outcome)
             try:
-                upstream = lease.executor.worker.infer(model, request, stream_format)
+                upstream = lease.executor.worker.infer(model, generation, stream_format)
                 break
             except ApiError as err:
                 lease.release()
                 store.worker_failed(lease, err)
                 if err.code not in RETRY_CODES or attempt == 2:
                     raise
-                log.warning("[%s] the worker no longer has %s loaded; reconciling and retrying", endpoint, model)
+                log.warning("[forward] the worker no longer has %s loaded; reconciling and retrying", model)
             except BaseException:
                 lease.release()
                 store.worker_failed(lease, WorkerUnavailable(f"starting a generation of {model} failed"))
                 raise
     except ApiError as err:
-        if not outcome.cached:
-            outcome.cached, outcome.loaded = store.tiers(model)
-        log_request(endpoint, store.policy_name, model, outcome, error=err.code)
-        if outcome.action is not None:  # a decision was made: report what it did, even on failure
-            err.headers.update(cache_headers(outcome))
+        if outcome.decided:  # a decision was made: report what it did, even on failure
+            err.headers.update(outcome.headers())
         raise
-    log_request(endpoint, store.policy_name, model, outcome)
     return Forward(store, lease, upstream, outcome)
 
 
 class PendingForward:
     """start_generation on its own thread, so a streaming response can say it is waiting meanwhile."""
 
-    def __init__(self, store: StoreCore, endpoint: str, model: str, request: GenerationRequest, stream_format: str,
-                 keep_alive_s: float | None):
+    def __init__(self, store: StoreCore, model: str, generation: GenerationRequest, stream_format: str,
+                 keep_alive_s: float | None, outcome: Outcome):
+        self._store, self._model, self._outcome = store, model, outcome
+        self._endpoint = request.path
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._forward: Forward | None = None
         self._error: BaseException | None = None
         self._abandoned = False
-        self._thread = threading.Thread(target=self._run, args=(store, endpoint, model, request, stream_format,
-                                                                keep_alive_s), daemon=True, name="pending-forward")
+        self._finished = False
+        self._owes_line = False  # the response went out before the swap ended: the line is ours to write
+        self._thread = threading.Thread(target=self._run, args=(generation, stream_format, keep_alive_s),
+                                        daemon=True, name="pending-forward")
         self._thread.start()
 
-    def _run(self, *args) -> None:
+    def _run(self, generation: GenerationRequest, stream_format: str, keep_alive_s: float | None) -> None:
+        forward, error = None, None
         try:
-            forward = start_generation(*args)
+            forward = start_generation(self._store, self._model, generation, stream_format, keep_alive_s,
+                                       self._outcome)
         except BaseException as err:  # handed to the waiting response
-            self._error = err
-            self._done.set()
-            return
+            error = err
         with self._lock:
-            self._forward = forward
-            abandoned = self._abandoned
+            self._forward, self._error = forward, error
+            self._finished = True
+            abandoned, owes_line = self._abandoned, self._owes_line
+        if owes_line:
+            self._write_line()  # before the waiting response goes on: its line comes first
         self._done.set()
-        if abandoned:
+        if abandoned and forward is not None:
             forward.close()  # the client left while we waited: give the model back at once
+
+    def take_over_line(self) -> None:
+        """The response goes out before the swap ends: write the request's line when it does."""
+        g.line_deferred = True
+        with self._lock:
+            if not self._finished:
+                self._owes_line = True
+                return
+        self._write_line()
+
+    def _write_line(self) -> None:
+        err = self._error
+        code = None if err is None else err.code if isinstance(err, ApiError) else "internal_error"
+        write_request_line(self._store, self._endpoint, self._model, self._outcome, code)
 
     def wait(self, timeout_s: float) -> bool:
         return self._done.wait(timeout_s)

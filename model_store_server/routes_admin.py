@@ -9,7 +9,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model_store_server import state
 from model_store_server.events import sse_frames
-from model_swap.names import check_model_name
 from model_swap.web import json_body
 
 bp = Blueprint("admin", __name__)
@@ -26,7 +25,7 @@ def reset():
 @bp.post("/admin/prefetch")
 def prefetch():
     """Put a model in the worker's cache without loading it."""
-    name = check_model_name(json_body().get("model"))
+    name = state.core().catalog.check_name(json_body().get("model"))
     outcome = state.core().prefetch(name)
     log.info("[/admin/prefetch] model=%s action=%s evicted=[%s] cached=[%s]", name, outcome.action,
              ", ".join(outcome.evicted), ", ".join(outcome.cached))
@@ -35,7 +34,7 @@ def prefetch():
 
 
 def _unload(evict: bool):
-    name = check_model_name(json_body().get("model"))
+    name = state.core().catalog.check_name(json_body().get("model"))
     outcome = state.core().unload(name, evict=evict)
     endpoint = "/admin/evict" if evict else "/admin/unload"
     log.info("[%s] model=%s unloaded=[%s] evicted=[%s] cached=[%s] loaded=[%s]", endpoint, name,
@@ -64,8 +63,10 @@ def models():
     workers = core.view()
     mine = workers[0]
     worker_view = core.worker_reports()[0]
+    usable, unusable = core.catalog.scan()
     return jsonify({
-        "models": [m.to_json() for m in core.catalog.list()],
+        "models": [m.to_json() for m in usable],
+        "unusable": [u.to_json() for u in unusable],
         "policy": {"name": config.cache_policy, "cached": mine["cached"], "loaded": [m["name"] for m in mine["loaded"]],
                    "max_cache_size": config.max_cache_size, "max_cache_bytes": config.max_cache_bytes,
                    "ttl_seconds": config.ttl_seconds},
@@ -88,9 +89,8 @@ def events():
 
 @bp.get("/health")
 def health():
-    """Liveness of the store, and whether the worker answers."""
-    worker_ok = state.core().workers_healthy()
-    return jsonify({"status": "ok", "worker": "ok" if worker_ok else "unreachable"})
+    """Liveness of the store, and whether the worker answers an authenticated call (a wrong token shows)."""
+    return jsonify({"status": "ok", "worker": state.core().worker_status()})
 
 
 @bp.get("/metrics")

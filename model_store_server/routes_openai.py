@@ -2,8 +2,9 @@
 
 The same swap path as /user_request (the cache headers are set here too); the worker streams
 ndjson events, which become server-sent events (`data: {json}` ... `data: [DONE]`) or one JSON
-body. Tool calls, n > 1, logprobs and the like are refused rather than ignored. A streaming
-request that waits for a swap gets SSE comment lines (`: transferring X... 45%`) meanwhile.
+body. Sampling parameters llama.cpp has (seed, top_p, stop, penalties, max_completion_tokens) are
+applied; tool calls, n > 1, logprobs, logit_bias and anything unknown are refused, never ignored.
+A streaming request that waits for a swap gets SSE comment lines (`: transferring X... 45%`) meanwhile.
 """
 
 from __future__ import annotations
@@ -16,17 +17,18 @@ from typing import Iterator
 from flask import Blueprint, Response, jsonify
 
 from model_store_server import state
-from model_store_server.forwarding import Forward, PendingForward, keep_alive_of, start_generation
+from model_store_server.forwarding import Forward, PendingForward, begin_request, keep_alive_of, start_generation
 from model_swap.errors import ApiError
-from model_swap.names import check_model_name
-from model_swap.web import json_body, parse_generation
+from model_swap.web import GENERATION_FIELDS, json_body, parse_generation, refuse_unknown
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
-# Parameters that would change the answer's meaning: refused unless given their neutral value.
+# Parameters model-swap cannot apply: accepted only with the value that asks for nothing.
 NEUTRAL = {"n": (None, 1), "best_of": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0),
-           "echo": (None, False), "suffix": (None,), "stop": (None, [], ""), "tools": (None, []),
+           "echo": (None, False), "suffix": (None,), "tools": (None, []),
            "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
            "response_format": (None, {"type": "text"})}
+# Applied (GENERATION_FIELDS go to llama.cpp, keep_alive to the store), or metadata with no effect ("user").
+ACCEPTED = GENERATION_FIELDS | {"model", "stream", "user", "keep_alive"} | set(NEUTRAL)
 WAIT_BEFORE_PROGRESS_S = 1.0  # a request that waits longer starts its stream with progress comments
 PROGRESS_EVERY_S = 0.5
 
@@ -62,25 +64,26 @@ def _choice(chat: bool, text: str | None, finish_reason: str | None, stream: boo
 
 def _generate(chat: bool):
     body = json_body()
+    refuse_unknown(body, ACCEPTED)
     for key, neutral in NEUTRAL.items():
         if body.get(key) not in neutral:
             raise ApiError(400, "unsupported_parameter", f"{key}={body.get(key)!r} is not supported by model-swap")
     if not chat and not isinstance(body.get("prompt"), str):
         raise ApiError(400, "invalid_request", "prompt must be one string")
-    request = parse_generation(body, chat=chat)
-    model = check_model_name(body.get("model"))
+    generation = parse_generation(body, chat=chat)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "invalid_request", "stream must be true or false")
     keep_alive_s = keep_alive_of(body)
     store = state.core()
-    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+    model = store.catalog.check_name(body.get("model"))
+    outcome = begin_request(model)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     base = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model}
 
     if not stream:
-        forward = start_generation(store, endpoint, model, request, "ndjson", keep_alive_s)
+        forward = start_generation(store, model, generation, "ndjson", keep_alive_s, outcome)
         try:
             texts, summary = [], {}
             for event in _events(forward):
@@ -109,10 +112,11 @@ def _generate(chat: bool):
                 yield f"data: {json.dumps(last)}\n\n"
         yield "data: [DONE]\n\n"
 
-    pending = PendingForward(store, endpoint, model, request, "ndjson", keep_alive_s)
+    pending = PendingForward(store, model, generation, "ndjson", keep_alive_s, outcome)
     if pending.wait(WAIT_BEFORE_PROGRESS_S):
         forward = pending.result()  # an error here is answered with its status, as without streaming
         return forward.attach(Response(sse(forward), mimetype="text/event-stream"))
+    pending.take_over_line()
 
     def waiting_sse() -> Iterator[str]:
         # The status line is sent already: progress and the outcome travel as SSE comments, errors as data.
@@ -139,13 +143,13 @@ def _generate(chat: bool):
 
 @bp.post("/completions")
 def completions():
-    """OpenAI completions: {"model", "prompt", "max_tokens", "temperature", "stream"}."""
+    """OpenAI completions: {"model", "prompt", "stream", "keep_alive"} and the sampling fields (GENERATION_FIELDS)."""
     return _generate(chat=False)
 
 
 @bp.post("/chat/completions")
 def chat_completions():
-    """OpenAI chat completions: {"model", "messages", "max_tokens", "temperature", "stream"}."""
+    """OpenAI chat completions: {"model", "messages", "stream", "keep_alive"} and the sampling fields."""
     return _generate(chat=True)
 
 

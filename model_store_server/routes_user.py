@@ -5,18 +5,21 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from model_store_server import state
-from model_store_server.forwarding import keep_alive_of, start_generation
-from model_swap.names import check_model_name
-from model_swap.web import json_body, parse_generation
+from model_store_server.forwarding import begin_request, keep_alive_of, start_generation
+from model_swap.web import GENERATION_FIELDS, json_body, parse_generation, refuse_unknown
 
 bp = Blueprint("user", __name__)
+ACCEPTED = (GENERATION_FIELDS - {"messages"}) | {"model", "keep_alive"}
 
 
 @bp.post("/user_request")
 def user_request():
-    """Stream generated text for {"prompt", "model", "max_tokens", "keep_alive"}; headers tell the cache action."""
+    """Stream generated text for {"prompt", "model", "max_tokens", "keep_alive", ...}; headers tell the cache action."""
     body = json_body()
-    request = parse_generation(body, chat=False)
-    model = check_model_name(body.get("model"))
-    forward = start_generation(state.core(), "/user_request", model, request, keep_alive_s=keep_alive_of(body))
+    refuse_unknown(body, ACCEPTED)
+    generation = parse_generation(body, chat=False)
+    keep_alive_s = keep_alive_of(body)
+    core = state.core()
+    model = core.catalog.check_name(body.get("model"))
+    forward = start_generation(core, model, generation, keep_alive_s=keep_alive_s, outcome=begin_request(model))
     return forward.attach(Response(forward.chunks(), mimetype="text/plain"))

@@ -12,7 +12,8 @@ import time
 from typing import Callable
 
 from model_store_server.catalog import StoredModel
-from model_store_server.executor import Executor, Outcome
+from model_store_server.executor import Executor
+from model_store_server.outcome import Outcome
 from model_store_server.gates import QueueTimeout
 from model_swap.errors import ApiError
 
@@ -115,11 +116,11 @@ class Upkeep:
         log.info("[reset] worker emptied: [%s]", ", ".join(outcome.evicted))
         return outcome
 
-    def reconcile(self) -> None:
-        """Read the worker now and adopt what matches (start-up)."""
+    def reconcile(self) -> tuple[list[str], list[str]]:
+        """Read the worker now and adopt what matches (start-up); what was kept and deleted there."""
         self.belief.mark_stale()
         with self.gates.lane(self._deadline(), "reconcile"):
-            self.executor.refresh()
+            return self.executor.refresh() or ([], [])
 
     def _drain(self, names: list[str], deadline: float) -> None:
         """Close `names` at once and wait until their streams end (the admin asked for it)."""

@@ -111,12 +111,6 @@ class WorkerClient:
     def state(self) -> WorkerState:
         return WorkerState.from_listing(self._call("GET", "/models").json())
 
-    def health(self) -> bool:
-        try:
-            return self._session.get(self.base_url + "/health", timeout=CONNECT_TIMEOUT_S).ok
-        except requests.RequestException:
-            return False
-
     def load_local(self, name: str) -> dict:
         return self._call("POST", "/load_model_from_local_store", headers={"X-Model-Name": name}).json()
 

@@ -5,27 +5,35 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, jsonify
+from gunicorn.http import errors as http_errors
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    """An error with its own HTTP status, stable snake_case code and headers."""
+    """An error with its own HTTP status, stable snake_case code, headers and extra fields."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 details: dict | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        # Extra fields of the error object, figures a client can act on (the bytes a load needs).
+        self.details = details or {}
 
     def to_response(self):
         """Render as the JSON envelope."""
-        response = jsonify({"error": {"code": self.code, "message": self.message}})
+        response = jsonify({"error": {**self.details, "code": self.code, "message": self.message}})
         response.status_code = self.status
         response.headers.update(self.headers)
         return response
+
+
+class ClientTimeout(TimeoutError):
+    """The client sent nothing for REQUEST_TIMEOUT_S while its request body was being read."""
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -34,6 +42,19 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(err: ApiError):
         return err.to_response()
+
+    @app.errorhandler(ClientTimeout)
+    def _client_timeout(err: ClientTimeout):
+        return ApiError(408, "request_timeout", str(err)).to_response()
+
+    # A body that ends early or breaks the chunked framing surfaces while the view reads it.
+    @app.errorhandler(http_errors.NoMoreData)
+    def _body_cut_off(err: Exception):
+        return ApiError(400, "incomplete_body", "the request body ended early").to_response()
+
+    @app.errorhandler(http_errors.ParseException)
+    def _bad_body(err: Exception):
+        return ApiError(400, "invalid_chunked_body", f"the request body is malformed: {err}").to_response()
 
     @app.errorhandler(HTTPException)
     def _http_error(err: HTTPException):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -57,7 +58,7 @@ def services(tmp_path):
 
         def store(self, models_dir: Path, worker: ServiceProcess | str, policy: str = "lru", max_cache_size: int = 2,
                   ttl_seconds: float | None = None, extra: list[str] | None = None, token: str | None = None,
-                  port: int | None = None) -> ServiceProcess:
+                  port: int | None = None, env: dict[str, str] | None = None) -> ServiceProcess:
             worker_url = worker if isinstance(worker, str) else worker.url
             args = ["--models-dir", str(models_dir), "--worker-url", worker_url, "--cache-policy", policy,
                     "--max-cache-size", str(max_cache_size), *(extra or [])]
@@ -65,11 +66,14 @@ def services(tmp_path):
                 args += ["--ttl-seconds", str(ttl_seconds)]
             if token:
                 args += ["--worker-token", token]
-            svc = ServiceProcess("model_store_server", args, tmp_path / f"store-{len(started)}.log", port)
+            svc = ServiceProcess("model_store_server", args, tmp_path / f"store-{len(started)}.log", port, env)
             started.append(svc)
             return svc.start()
 
     yield Starter()
+    # Responses the test still holds (in reference cycles) keep their connections open, and a
+    # stopping gunicorn lingers 2 s on each kept-alive one: close them first.
+    gc.collect()
     for svc in reversed(started):
         svc.stop()
 

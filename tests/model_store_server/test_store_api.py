@@ -149,7 +149,7 @@ def test_reset_empties_worker_and_policy(services, worker, models_dir):
     r = requests.post(store.url + "/admin/reset")
     assert r.status_code == 200 and sorted(r.json()["deleted"]) == ["a.gguf", "b.gguf"]
     assert disk(worker) == []
-    assert requests.get(worker.url + "/models").json()["loaded"] in (None, [])
+    assert requests.get(worker.url + "/models").json()["loaded"] == []
     assert ask(store, "a.gguf")[1] == "load_from_store"
 
 
@@ -158,7 +158,7 @@ def test_prefetch_caches_without_loading(services, worker, models_dir):
     r = requests.post(store.url + "/admin/prefetch", json={"model": "a.gguf"})
     assert r.status_code == 200 and r.json()["action"] == "cached"
     assert disk(worker) == ["a.gguf"]
-    assert requests.get(worker.url + "/models").json()["loaded"] in (None, [])
+    assert requests.get(worker.url + "/models").json()["loaded"] == []
     assert requests.post(store.url + "/admin/prefetch", json={"model": "a.gguf"}).json()["action"] == \
         "already_cached"
     assert ask(store, "a.gguf")[1] == "load_from_local_store"

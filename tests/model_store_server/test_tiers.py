@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from model_store_server.executor import Outcome
+from model_store_server.outcome import Outcome
 from tests.support.fake_worker import FakeWorker, worker_error
-from tests.support.store_harness import core_of, fake_store
+from tests.support.store_harness import core_of, fake_store, write_models
 
 PROMPT = {"prompt": "hi", "max_tokens": 4}
 
@@ -266,7 +266,7 @@ def test_a_model_changed_in_the_store_is_replaced_even_while_resident(tmp_path):
     app, fake = fake_store(tmp_path, FakeWorker(max_loaded=2))
     client = app.test_client()
     ask(client, "a.gguf")
-    (core_of(app).catalog.root / "a.gguf").write_bytes(b"new bytes of a")
+    write_models(core_of(app).catalog.root, ["a.gguf"])  # new bytes under the same name
     r = ask(client, "a.gguf")
     assert r.headers["X-Cache-Action"] == "load_from_store"
     assert fake.changes()[-4:] == ["unload a.gguf", "delete a.gguf", "push a.gguf", "load a.gguf"]

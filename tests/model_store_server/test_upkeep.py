@@ -4,12 +4,13 @@ progress, over a FakeWorker (a fast seam; the real-service tests are the integra
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
 import pytest
 
-from model_store_server.executor import Outcome
+from model_store_server.outcome import Outcome
 from tests.support.fake_worker import FakeWorker
 from tests.support.store_harness import core_of, fake_store
 
@@ -242,7 +243,12 @@ def test_models_shows_a_transfer_in_flight_with_bytes_done(tmp_path):
     t.join(10)
 
 
-def test_streaming_openai_request_gets_progress_comments_while_it_waits(tmp_path):
+def request_lines(caplog, endpoint):
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"[{endpoint}] ")]
+
+
+def test_streaming_openai_request_gets_progress_comments_while_it_waits(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="model_store_server.forwarding")
     app, fake = fake_store(tmp_path, FakeWorker(max_loaded=1))
     fake.push_seconds = 2.0
     r = app.test_client().post("/v1/completions", json={"model": "a.gguf", "prompt": "hi", "stream": True})
@@ -252,9 +258,13 @@ def test_streaming_openai_request_gets_progress_comments_while_it_waits(tmp_path
     assert any(line.startswith(": transferring a.gguf... ") and line.endswith("%") for line in comments), comments
     assert any(line.startswith(": x-cache-action=load_from_store") for line in comments)
     assert lines[-1] == "data: [DONE]"
+    # Its one log line is written when the swap ends, not when the waiting stream starts.
+    [line] = request_lines(caplog, "/v1/completions")
+    assert "model=a.gguf action=load_from_store" in line and line.endswith("loaded=[a.gguf]")
 
 
-def test_streaming_openai_request_that_fails_while_waiting_gets_an_error_frame(tmp_path):
+def test_streaming_openai_request_that_fails_while_waiting_gets_an_error_frame(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="model_store_server.forwarding")
     app, fake = fake_store(tmp_path, FakeWorker(max_loaded=1), cache_policy="no-evict", max_cache_size=1)
     fake.push_seconds = 1.5  # b fills the one place slowly; c waits for it, then is refused
     t2 = threading.Thread(target=lambda: ask(app.test_client(), "b.gguf"))
@@ -265,3 +275,5 @@ def test_streaming_openai_request_that_fails_while_waiting_gets_an_error_frame(t
     r.close()
     t2.join(10)
     assert json.loads(lines[-1][6:])["error"]["code"] == "cache_full"
+    [line] = request_lines(caplog, "/v1/completions")
+    assert "model=c.gguf action=rejected" in line and line.endswith("error=cache_full")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,10 +13,11 @@ from tests.support.fake_worker import FakeWorker
 
 
 def write_models(directory: Path, names: list[str], size: int = 4096) -> Path:
-    """Files with distinct bytes under `names` (the fake worker never parses them)."""
+    """Files with distinct bytes under `names`: a GGUF header with no tensors (the store checks it), then noise."""
     directory.mkdir(parents=True, exist_ok=True)
+    header = b"GGUF" + struct.pack("<IQQ", 3, 0, 0)  # version 3, no tensors, no metadata
     for name in names:
-        (directory / name).write_bytes(name.encode() + os.urandom(size))
+        (directory / name).write_bytes(header + name.encode() + os.urandom(size))
     return directory
 
 
