@@ -132,9 +132,6 @@ class FakeWorker:
             loaded = tuple(LoadedModel(n, m.memory_bytes, m.memory_bytes, m.active, 0) for n, m in self.loaded.items())
             return WorkerState(loaded, cached, self.budget_bytes, self._used(), self.max_loaded, self.boot_id)
 
-    def health(self) -> bool:
-        return self.up
-
     def push(self, name: str, path, size: int, sha256: str, progress=None) -> float:
         started = time.perf_counter()
         self._check("push")
