@@ -19,9 +19,9 @@ from model_store_server.catalog import Catalog
 from model_store_server.config import StoreConfig
 from model_store_server.events import EventBus
 from model_store_server.executor import Executor, Lease, Settings
-from model_store_server.outcome import Outcome
 from model_store_server.gates import WorkerGates
 from model_store_server.metrics import StoreMetrics
+from model_store_server.outcome import Outcome
 from model_store_server.policy import build_policy
 from model_store_server.transport import Transport, build_transport
 from model_store_server.upkeep import Janitor, Upkeep

@@ -13,8 +13,8 @@ from typing import Callable
 
 from model_store_server.catalog import StoredModel
 from model_store_server.executor import Executor
-from model_store_server.outcome import Outcome
 from model_store_server.gates import QueueTimeout
+from model_store_server.outcome import Outcome
 from model_swap.errors import ApiError
 
 log = logging.getLogger(__name__)
