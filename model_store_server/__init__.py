@@ -9,6 +9,7 @@ from flask import Flask
 from model_store_server.catalog import Catalog
 from model_store_server.config import StoreConfig
 from model_store_server.metrics import StoreMetrics
+from model_store_server.model_names import ModelNames
 from model_store_server.policy import build_policy
 from model_store_server.swapper import Swapper
 from model_store_server.transport import build_transport
@@ -22,11 +23,13 @@ log = logging.getLogger("model_store_server")
 def create_app(config: StoreConfig) -> Flask:
     """Build the store app; its state lives in app.extensions["store"]."""
     app = Flask(__name__)
-    worker = WorkerClient(config.worker_url, config.worker_token, config.worker_timeout_s)
+    worker = WorkerClient(config.worker_url, config.worker_token, config.worker_timeout_s,
+                          config.models_config.settings_for)
     metrics = StoreMetrics()
     policy = build_policy(config.cache_policy, config.max_cache_size, config.max_cache_bytes, config.ttl_seconds)
     swapper = Swapper(Catalog(config.models_dir), policy, worker, build_transport(config, worker), metrics)
-    app.extensions["store"] = {"config": config, "swapper": swapper, "metrics": metrics}
+    names = ModelNames(swapper.catalog, config.models_config)
+    app.extensions["store"] = {"config": config, "swapper": swapper, "metrics": metrics, "names": names}
     register_error_handlers(app)
     install_request_logging(app, log)
 
@@ -40,6 +43,7 @@ def create_app(config: StoreConfig) -> Flask:
             swapper.reconcile()
         except ApiError as err:
             log.warning("worker not reconciled at start-up (%s); will retry on the next request", err.message)
-    log.info("store ready: models=%s policy=%s worker=%s transport=%s", swapper.catalog.root,
-             config.cache_policy, config.worker_url, config.transport)
+    log.info("store ready: models=%s policy=%s worker=%s transport=%s models_config=%s (%d entries)",
+             swapper.catalog.root, config.cache_policy, config.worker_url, config.transport,
+             config.models_config.source, len(config.models_config.entries))
     return app

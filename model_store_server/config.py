@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from model_store_server.models_config import ModelsConfig, load_models_config
 from model_swap.config import ConfigError, parse_number, parse_optional_number
 
 POLICIES = ("lru", "no-evict", "ttl", "lru-ttl")
@@ -35,6 +36,7 @@ class StoreConfig:
     worker_timeout_s: float = 600.0
     reconcile_on_start: bool = True
     log_level: str = "INFO"
+    models_config: ModelsConfig = ModelsConfig()
 
     def __post_init__(self) -> None:
         if self.cache_policy not in POLICIES:
@@ -76,6 +78,8 @@ def load_store_config(argv: Sequence[str] | None = None, env: Mapping[str, str] 
     p.add_argument("--port", default=env.get("STORE_PORT", str(d.port)))
     p.add_argument("--threads", default=env.get("STORE_THREADS", str(d.threads)))
     p.add_argument("--log-level", default=env.get("LOG_LEVEL", d.log_level))
+    p.add_argument("--models-config", default=env.get("MODELS_CONFIG"),
+                   help="TOML file with model aliases and per-model settings (env MODELS_CONFIG; default: none)")
     a = p.parse_args(argv)
     return StoreConfig(
         models_dir=Path(a.models_dir),
@@ -93,4 +97,5 @@ def load_store_config(argv: Sequence[str] | None = None, env: Mapping[str, str] 
         port=parse_number(a.port, "port"),
         threads=parse_number(a.threads, "threads"),
         log_level=a.log_level,
+        models_config=load_models_config(a.models_config),
     )

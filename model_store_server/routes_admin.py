@@ -7,9 +7,9 @@ import logging
 from flask import Blueprint, Response, current_app, jsonify
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from model_store_server.model_names import model_names
 from model_store_server.swapper import Swapper
 from model_swap.errors import ApiError
-from model_swap.names import check_model_name
 from model_swap.web import json_body
 
 bp = Blueprint("admin", __name__)
@@ -30,7 +30,7 @@ def reset():
 @bp.post("/admin/prefetch")
 def prefetch():
     """Put a model in the worker's cache without loading it."""
-    name = check_model_name(json_body().get("model"))
+    name = model_names().resolve(json_body().get("model"))
     outcome = _swapper().prefetch(name)
     log.info("[/admin/prefetch] model=%s action=%s evicted=[%s] cached=[%s]", name, outcome.action,
              ", ".join(outcome.evicted), ", ".join(outcome.cached))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app
 
 from model_store_server.forwarding import start_generation
-from model_swap.names import check_model_name
+from model_store_server.model_names import model_names
 from model_swap.web import json_body, parse_generation
 
 bp = Blueprint("user", __name__)
@@ -15,8 +15,9 @@ bp = Blueprint("user", __name__)
 def user_request():
     """Stream generated text for {"prompt", "model", "max_tokens"}; headers tell the cache action."""
     body = json_body()
-    request = parse_generation(body, chat=False)
-    model = check_model_name(body.get("model"))
+    names = model_names()
+    model = names.resolve(body.get("model"))
+    request = parse_generation(names.config.apply_sampling_defaults(model, body), chat=False)
     store = current_app.extensions["store"]
     forward = start_generation(store["swapper"], store["config"].cache_policy, "/user_request", model, request)
     return forward.attach(Response(forward.chunks(), mimetype="text/plain"))

@@ -7,13 +7,14 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 from urllib.parse import quote, urlsplit
 
 import requests
 
 from model_swap.digest import BLOCK_SIZE
 from model_swap.errors import ApiError
+from model_swap.model_settings import ModelSettings
 from model_swap.names import check_model_name
 from model_swap.web import GenerationRequest
 
@@ -54,8 +55,10 @@ class WorkerState:
 class WorkerClient:
     """Talks to one worker; thread-safe (requests.Session pools connections)."""
 
-    def __init__(self, base_url: str, token: str | None, timeout_s: float):
+    def __init__(self, base_url: str, token: str | None, timeout_s: float,
+                 settings_for: Callable[[str], ModelSettings] = lambda name: ModelSettings()):
         self.base_url = base_url.rstrip("/")
+        self._settings_for = settings_for  # per-model load settings (the models config), sent with every load
         self.timeout_s = timeout_s
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session = requests.Session()
@@ -82,7 +85,9 @@ class WorkerClient:
             return False
 
     def load_local(self, name: str) -> dict:
-        return self._call("POST", "/load_model_from_local_store", headers={"X-Model-Name": name}).json()
+        settings = self._settings_for(name).to_json()
+        return self._call("POST", "/load_model_from_local_store", headers={"X-Model-Name": name},
+                          json={"settings": settings} if settings else None).json()
 
     def delete(self, name: str) -> bool:
         """Delete a cached model; a model already gone counts as deleted."""
