@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from inference_worker.chat_templates import ChatTemplate, choose_chat_template
+from inference_worker.output_options import completion_kwargs, piece_logprobs
 from model_swap.errors import ApiError
+from model_swap.model_settings import ModelSettings
 from model_swap.once import Once
 from model_swap.web import GenerationRequest
 
@@ -67,11 +70,22 @@ def _file_identity(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _open_llama(path: Path, n_ctx: int, n_gpu_layers: int):
+def _open_llama(path: Path, n_ctx: int, n_gpu_layers: int, logits_all: bool = False):
     # Imported here so the package imports (and most tests run) quickly.
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, verbose=False)
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, logits_all=logits_all, verbose=False)
+
+
+class Piece(str):
+    """A piece of generated text that also carries its tokens' logprobs, when they were asked for."""
+
+    logprobs: list[dict] | None
+
+    def __new__(cls, text: str, logprobs: list[dict] | None = None) -> "Piece":
+        piece = super().__new__(cls, text)
+        piece.logprobs = logprobs
+        return piece
 
 
 class Engine:
@@ -87,6 +101,8 @@ class Engine:
         self._llm = None
         self._name: str | None = None
         self._path: Path | None = None
+        self._settings = ModelSettings()
+        self._chat: ChatTemplate | None = None
         # Which file the loaded model came from: a model re-sent under the same name is loaded anew.
         self._identity: tuple[int, int, int] | None = None
 
@@ -95,33 +111,46 @@ class Engine:
         """The loaded model's name, or None."""
         return self._name
 
-    def load(self, name: str, path: Path) -> LoadResult:
-        """Swap to `name`; on failure the previous model is loaded again and the error raised."""
+    def load(self, name: str, path: Path, settings: ModelSettings = ModelSettings()) -> LoadResult:
+        """Swap to `name` opened with `settings`; on failure the previous model is loaded again and the error raised."""
         with self._turn:
-            previous, previous_path = self._name, self._path
-            if previous == name and self._identity == _file_identity(path):
+            previous, previous_path, previous_settings = self._name, self._path, self._settings
+            if previous == name and self._identity == _file_identity(path) and self._settings == settings:
                 return LoadResult(name, 0.0, previous)
             # Unload first: with more models than memory, two resident models may not fit.
             self._close_current()
             started = time.perf_counter()
             try:
-                self._llm = self._open_model(path, self.n_ctx, self.n_gpu_layers)
+                self._open(path, settings)
             except Exception as err:
                 log.warning("[engine] load of %s failed: %s", name, err)
-                restored = self._restore(previous, previous_path)
+                restored = self._restore(previous, previous_path, previous_settings)
                 raise ApiError(422, "load_failed",
                                f"llama.cpp could not load {name}: {err}"
                                + (f"; {previous} is loaded again" if restored else "")) from err
             self._name, self._path, self._identity = name, path, _file_identity(path)
             load_ms = (time.perf_counter() - started) * 1000
-            log.info("[engine] loaded %s in %.1fms (previous=%s)", name, load_ms, previous)
+            log.info("[engine] loaded %s in %.1fms (previous=%s) chat_template=%s settings=%s", name, load_ms,
+                     previous, self._chat.label, settings.to_json())
             return LoadResult(name, load_ms, previous)
 
-    def _restore(self, name: str | None, path: Path | None) -> bool:
+    def _open(self, path: Path, settings: ModelSettings) -> None:
+        """Open the model and pick its chat template; a template that cannot apply fails the load."""
+        llm = self._open_model(path, settings.n_ctx or self.n_ctx,
+                               self.n_gpu_layers if settings.n_gpu_layers is None else settings.n_gpu_layers,
+                               settings.logprobs)
+        try:
+            self._chat = choose_chat_template(llm, settings.chat_template)
+        except Exception:
+            llm.close()
+            raise
+        self._llm, self._settings = llm, settings
+
+    def _restore(self, name: str | None, path: Path | None, settings: ModelSettings) -> bool:
         if name is None or path is None:
             return False
         try:
-            self._llm = self._open_model(path, self.n_ctx, self.n_gpu_layers)
+            self._open(path, settings)
         except Exception:
             log.exception("[engine] could not reload previous model %s", name)
             return False
@@ -146,6 +175,7 @@ class Engine:
             self._llm.close()
         finally:
             self._llm, self._name, self._path, self._identity = None, None, None, None
+            self._settings, self._chat = ModelSettings(), None
         log.info("[engine] unloaded %s in %.1fms", name, (time.perf_counter() - started) * 1000)
 
     def begin(self, model: str | None) -> "Generation":
@@ -159,7 +189,8 @@ class Engine:
         except ApiError:
             self._turn.release()
             raise
-        return Generation(self._llm, self._name, self.n_ctx, self._turn.release)
+        return Generation(self._llm, self._name, self._settings.n_ctx or self.n_ctx, self._turn.release, self._chat,
+                          self._settings.logprobs)
 
     def queue_depth(self) -> int:
         """Requests holding or waiting for the model."""
@@ -169,11 +200,15 @@ class Engine:
 class Generation:
     """One request's turn on the model; release() is idempotent and ends the turn."""
 
-    def __init__(self, llm, name: str, n_ctx: int, release: Callable[[], None]):
+    def __init__(self, llm, name: str, n_ctx: int, release: Callable[[], None], chat: ChatTemplate | None = None,
+                 logits_kept: bool = False):
         self._llm = llm
         self.name = name
         self._n_ctx = n_ctx
         self._release = Once(release)
+        self.chat = chat
+        self._logits_kept = logits_kept
+        self._chat_tokens: list[int] | None = None
         self.prompt_tokens: int | None = None
         self.finish_reason: str | None = None
 
@@ -188,22 +223,34 @@ class Generation:
             raise ApiError(400, "prompt_too_long", f"prompt is {tokens} tokens; the context holds {self._n_ctx}")
         self.prompt_tokens = tokens
 
-    def stream(self, request: GenerationRequest) -> Iterator[str]:
+    def check_messages(self, messages: tuple[dict, ...]) -> None:
+        """Render the chat with the model's template; refuse a conversation that does not fit the context."""
+        tokens = self.chat.render(self._llm, messages)
+        if len(tokens) >= self._n_ctx:
+            raise ApiError(400, "prompt_too_long", f"the chat is {len(tokens)} tokens; the context holds {self._n_ctx}")
+        self._chat_tokens, self.prompt_tokens = tokens, len(tokens)
+
+    def stream(self, request: GenerationRequest) -> Iterator[Piece]:
         """Yield text pieces as llama.cpp produces them; finish_reason is set when it ends."""
-        kwargs: dict = {"max_tokens": request.max_tokens, "stream": True}
+        kwargs: dict = {"max_tokens": request.max_tokens, "stream": True,
+                        **completion_kwargs(request, self._logits_kept)}
         if request.temperature is not None:
             kwargs["temperature"] = request.temperature
         if request.messages is not None:
-            chunks = self._llm.create_chat_completion(list(request.messages), **kwargs)
+            if self._chat_tokens is None:
+                self.check_messages(request.messages)
+            # The chat is rendered here rather than by create_chat_completion, so its prompt is
+            # counted and checked like a completion's and the template is the one chosen at load.
+            chunks = self._llm.create_completion(self._chat_tokens, stop=list(self.chat.stop), **kwargs)
         else:
             chunks = self._llm.create_completion(request.prompt, **kwargs)
         try:
             for chunk in chunks:
                 choice = chunk["choices"][0]
-                text = choice["delta"].get("content") if "delta" in choice else choice["text"]
                 self.finish_reason = choice.get("finish_reason") or self.finish_reason
-                if text:
-                    yield text
+                logprobs = piece_logprobs(choice.get("logprobs"), request.logprobs)
+                if choice["text"] or logprobs:
+                    yield Piece(choice["text"], logprobs)
         finally:
             # Closing llama.cpp's generator stops decoding when the client went away.
             chunks.close()

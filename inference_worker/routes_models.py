@@ -10,7 +10,9 @@ from flask import Blueprint, jsonify, request
 from inference_worker import state
 from model_swap.digest import BLOCK_SIZE
 from model_swap.errors import ApiError
+from model_swap.model_settings import ModelSettings
 from model_swap.names import check_model_name
+from model_swap.web import json_body
 
 bp = Blueprint("models", __name__)
 
@@ -46,13 +48,13 @@ def _receive() -> dict:
     return {"name": name, "size": receipt.size, "sha256": receipt.sha256, "receive_ms": round(receipt.receive_ms, 2)}
 
 
-def _load(name: str) -> dict:
+def _load(name: str, settings: ModelSettings = ModelSettings()) -> dict:
     """Load a cached model into the engine, counting the result."""
     cache, m = state.cache(), state.metrics()
     if not cache.contains(name):
         raise ApiError(404, "model_not_cached", f"{name} is not in the worker's cache")
     try:
-        result = state.engine().load(name, cache.path_for(name))
+        result = state.engine().load(name, cache.path_for(name), settings)
     except ApiError:
         m.loads.labels("error").inc()
         raise
@@ -84,9 +86,10 @@ def cache_model():
 
 @bp.post("/load_model_from_local_store")
 def load_model_from_local_store():
-    """Load a model that is already cached."""
+    """Load a model that is already cached; an optional JSON body {"settings": {...}} says how to open it."""
     name = check_model_name(request.headers.get("X-Model-Name"))
-    return jsonify(_load(name))
+    body = json_body() if request.content_length else {}
+    return jsonify(_load(name, ModelSettings.from_json(body.get("settings"))))
 
 
 @bp.get("/models")

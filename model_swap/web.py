@@ -49,16 +49,21 @@ def int_field(body: dict, key: str, default: int, low: int, high: int) -> int:
 DEFAULT_MAX_TOKENS = 512
 CHAT_ROLES = frozenset({"system", "user", "assistant"})
 MAX_MESSAGES = 256
+MAX_TOP_LOGPROBS = 20
+STRUCTURED_FORMATS = ("json_object", "json_schema")
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """What to generate: a prompt or chat messages, with max_tokens and temperature."""
+    """What to generate: a prompt or chat messages, with max_tokens, temperature and output options."""
 
     prompt: str | None
     messages: tuple[dict, ...] | None
     max_tokens: int
     temperature: float | None
+    logprobs: int | None = None  # alternatives to report per token (0: only the chosen one); None: no logprobs
+    response_format: dict | None = None  # {"type": "json_object"} or {"type": "json_schema", "schema": {...}}
+    keep_alive_s: float | None = None  # the store's business (Ollama's keep_alive); never sent to the worker
 
     def to_json(self) -> dict:
         body: dict = {"max_tokens": self.max_tokens}
@@ -68,6 +73,10 @@ class GenerationRequest:
             body["messages"] = list(self.messages)
         if self.temperature is not None:
             body["temperature"] = self.temperature
+        if self.logprobs is not None:
+            body["logprobs"] = self.logprobs
+        if self.response_format is not None:
+            body["response_format"] = self.response_format
         return body
 
 
@@ -103,4 +112,23 @@ def parse_generation(body: dict, chat: bool | None = None) -> GenerationRequest:
     if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
                                     or not 0 <= temperature <= 10):
         raise ApiError(400, "invalid_request", "temperature must be a number from 0 to 10")
-    return GenerationRequest(prompt, messages, max_tokens, temperature)
+    return GenerationRequest(prompt, messages, max_tokens, temperature, **parse_output_options(body))
+
+
+def parse_output_options(body: dict) -> dict:
+    """The internal spelling of logprobs (a count) and response_format; each API's route translates into it."""
+    logprobs = body.get("logprobs")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                 or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise ApiError(400, "invalid_request", f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}",
+                       param="logprobs")
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") not in STRUCTURED_FORMATS:
+            raise ApiError(400, "invalid_request", "response_format.type must be json_object or json_schema",
+                           param="response_format")
+        if fmt["type"] == "json_schema" and not isinstance(fmt.get("schema"), dict):
+            raise ApiError(400, "invalid_request", "a json_schema response_format needs a schema object",
+                           param="response_format")
+        fmt = {"type": fmt["type"], **({"schema": fmt["schema"]} if fmt["type"] == "json_schema" else {})}
+    return {"logprobs": logprobs, "response_format": fmt}
