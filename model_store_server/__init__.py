@@ -33,10 +33,11 @@ def create_app(config: StoreConfig) -> Flask:
     register_error_handlers(app)
     install_request_logging(app, log)
 
-    from model_store_server import routes_admin, routes_openai, routes_user
+    from model_store_server import routes_admin, routes_ollama, routes_openai, routes_user
 
     app.register_blueprint(routes_user.bp)
     app.register_blueprint(routes_openai.bp)
+    app.register_blueprint(routes_ollama.bp)
     app.register_blueprint(routes_admin.bp)
     if config.reconcile_on_start:
         try:

@@ -82,6 +82,11 @@ class Swapper:
     def loaded(self) -> str | None:
         return self._loaded
 
+    def expires_at(self, name: str) -> float | None:
+        """When the policy's ttl for `name` runs out (time.monotonic clock), or None if never."""
+        with self._policy_lock:
+            return self.policy.expires_at(name)
+
     def lease(self, name: str) -> Lease:
         """Wait for the turn of a request for `name` and make sure the worker has it loaded."""
         model = self.catalog.get(name)  # a 404 needs no turn

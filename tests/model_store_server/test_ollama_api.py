@@ -1,0 +1,145 @@
+"""The store's Ollama API, driven by the official ollama client (and plain HTTP where the client has no call).
+
+One store+worker pair serves the module: lru-ttl with a long ttl, so /api/ps has an expiry to show.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import requests
+
+ollama = pytest.importorskip("ollama")
+
+CONFIG = """
+[models.alpha]
+file = "a.gguf"
+aliases = ["first"]
+n_ctx = 512
+[models.alpha.sampling]
+temperature = 0
+"""
+TTL_S = 600
+
+
+@pytest.fixture(scope="module")
+def store(module_services, module_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ollama-api")
+    models = root / "models"
+    module_model(models, "a.gguf", seed=1)
+    module_model(models, "b.gguf", seed=2)
+    (root / "models.toml").write_text(CONFIG)
+    worker = module_services.worker(cache_dir=root / "cache")
+    store = module_services.store(models, worker, policy="lru-ttl", max_cache_size=3, ttl_seconds=TTL_S,
+                                  extra=["--models-config", str(root / "models.toml")])
+    store.models_dir = models
+    return store
+
+
+@pytest.fixture(scope="module")
+def client(store):
+    return ollama.Client(host=store.url)
+
+
+def test_version(store):
+    r = requests.get(store.url + "/api/version")
+    assert r.status_code == 200 and r.json()["version"]
+
+
+def test_list(client, store):
+    models = {m.model: m for m in client.list().models}
+    assert set(models) == {"alpha", "b.gguf"}  # each file once, under its config name when it has one
+    for name, file in (("alpha", "a.gguf"), ("b.gguf", "b.gguf")):
+        data = (store.models_dir / file).read_bytes()
+        assert models[name].size == len(data) and models[name].digest == hashlib.sha256(data).hexdigest()
+        assert models[name].details.format == "gguf" and models[name].details.family == "llama"
+
+
+def test_show(client):
+    shown = client.show("first")
+    assert shown.details.family == "llama"
+    assert shown.modelinfo["llama.context_length"] == 2048  # read from the GGUF file
+    assert shown.parameters == "temperature 0"
+    assert shown.template == "plain (fallback)"  # the tiny file has no chat template of its own
+    with pytest.raises(ollama.ResponseError) as err:
+        client.show("nope")
+    assert err.value.status_code == 404 and "not found" in err.value.error
+
+
+def test_generate_streamed_and_not(client):
+    whole = client.generate(model="alpha", prompt="hello", options={"num_predict": 6})
+    assert whole.done and whole.done_reason in ("stop", "length") and whole.response
+    assert 1 <= whole.eval_count <= 6 and whole.prompt_eval_count >= 1 and whole.total_duration > 0
+    parts = list(client.generate(model="alpha", prompt="hello", options={"num_predict": 6}, stream=True))
+    *pieces, last = parts
+    assert not any(p.done for p in pieces) and last.done and last.eval_count == whole.eval_count
+    assert "".join(p.response for p in parts) == whole.response  # alpha's config makes it deterministic
+    raw = client.generate(model="alpha", prompt="hello", raw=True, options={"num_predict": 6})
+    assert raw.response and raw.prompt_eval_count < whole.prompt_eval_count  # no template around the prompt
+
+
+def test_chat_streamed_and_not(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    whole = client.chat(model="alpha", messages=messages, options={"num_predict": 5})
+    assert whole.message.role == "assistant" and whole.message.content and whole.done
+    parts = list(client.chat(model="alpha", messages=messages, options={"num_predict": 5}, stream=True))
+    assert "".join(p.message.content for p in parts) == whole.message.content
+    assert parts[-1].done and parts[-1].eval_count == whole.eval_count <= 5
+
+
+def test_options_are_applied_or_refused(client):
+    assert client.generate(model="b", prompt="hi", options={"num_predict": 2}).eval_count <= 2
+    same = {client.generate(model="b", prompt="hi", options={"num_predict": 8, "temperature": 0}).response
+            for _ in range(2)}
+    assert len(same) == 1
+    for option in ({"top_k": 10}, {"num_ctx": 4096}, {"no_such_option": 1}):
+        with pytest.raises(ollama.ResponseError) as err:
+            client.generate(model="b", prompt="hi", options=option)
+        assert err.value.status_code == 400 and isinstance(err.value.error, str)
+
+
+def test_format_json(client):
+    answer = client.chat(model="b", messages=[{"role": "user", "content": "JSON please"}], format="json",
+                         options={"num_predict": 64, "temperature": 0})
+    assert answer.done_reason == "stop" and isinstance(json.loads(answer.message.content), dict)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    answer = client.generate(model="b", prompt="a number", format=schema, options={"num_predict": 64, "temperature": 0})
+    assert isinstance(json.loads(answer.response)["n"], int)
+
+
+def test_ps_shows_what_is_loaded_and_what_is_on_disk(client, store):
+    client.generate(model="alpha", prompt="hi", options={"num_predict": 1})
+    client.generate(model="b", prompt="hi", options={"num_predict": 1})
+    running = client.ps().models
+    assert [m.model for m in running] == ["b.gguf"]
+    assert running[0].size == (store.models_dir / "b.gguf").stat().st_size
+    assert running[0].expires_at is not None  # lru-ttl: the ttl says when b's entry lapses
+    body = requests.get(store.url + "/api/ps").json()
+    assert [m["model"] for m in body["on_disk"]] == ["alpha"]
+    assert body["on_disk"][0]["state"] == "on_disk" and body["on_disk"][0]["context_length"] == 512
+
+
+def test_requests_go_through_the_swap_path(store):
+    r = requests.post(store.url + "/api/generate", json={"model": "b", "prompt": "hi", "stream": False,
+                                                         "keep_alive": "5m", "options": {"num_predict": 2}})
+    assert r.status_code == 200 and r.headers["X-Cache-Action"] in ("already_loaded", "load_from_local_store",
+                                                                    "load_from_store")
+    assert r.headers["X-Chat-Template"] == "fallback:plain"
+    loaded = requests.post(store.url + "/api/generate", json={"model": "alpha"})  # Ollama's "load this model"
+    assert loaded.json()["done_reason"] == "load" and loaded.headers["X-Cache-Action"]
+
+
+def test_errors_in_ollama_shape(store, client):
+    r = requests.post(store.url + "/api/chat", json={"model": "alpah", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404 and r.json()["code"] == "model_not_found" and r.json()["closest"] == "alpha"
+    assert isinstance(r.json()["error"], str)
+    r = requests.post(store.url + "/api/generate", json={"model": "b", "prompt": "x", "keep_alive": "soon"})
+    assert r.status_code == 400 and r.json()["code"] == "invalid_request"
+    with pytest.raises(ollama.ResponseError) as err:
+        client.pull("llama3")
+    assert err.value.status_code == 501
+    with pytest.raises(ollama.ResponseError) as err:
+        client.chat(model="b", messages=[{"role": "user", "content": "what is this?", "images": [b"\x89PNG"]}])
+    assert err.value.status_code == 400
