@@ -9,6 +9,7 @@ set_up_everything
 WORKER_PORT="${WORKER_PORT:-8080}"
 STORE_PORT="${STORE_PORT:-8000}"
 export MODELS_DIR="${MODELS_DIR:-$REPO/models}"
+export MODELS_CONFIG="${MODELS_CONFIG-$REPO/models.toml}"  # names and per-model settings; MODELS_CONFIG= for none
 export MODEL_CACHE_DIR="${MODEL_CACHE_DIR:-$REPO/model_cache}"
 export WORKER_URL="${WORKER_URL:-http://127.0.0.1:$WORKER_PORT}"
 mkdir -p "$REPO/run"

@@ -11,6 +11,7 @@ from model_store_server.models_config import load_models_config, parse_models_co
 from model_swap.config import ConfigError
 from model_swap.errors import ApiError
 from model_swap.model_settings import ModelSettings
+from model_swap.testing import REPO
 
 CONFIG = """
 [models.gemma]
@@ -127,3 +128,8 @@ def test_store_config_reads_models_config_at_start(tmp_path):
         load_store_config(["--models-config", str(tmp_path / "bad.toml")], env={})
     with pytest.raises(ConfigError, match="No such file"):
         load_store_config(["--models-config", str(tmp_path / "absent.toml")], env={})
+
+
+def test_the_shipped_models_config_is_valid():
+    config = load_models_config(REPO / "models.toml")  # what scripts/serve.sh gives the store
+    assert {e.file for e in config.entries} == {"gemma-3-270m-q4_k_m.gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"}
