@@ -225,6 +225,9 @@ class Generation:
 
     def check_messages(self, messages: tuple[dict, ...]) -> None:
         """Render the chat with the model's template; refuse a conversation that does not fit the context."""
+        size = sum(len(m["content"].encode("utf-8")) for m in messages)
+        if size > self._n_ctx * MAX_BYTES_PER_TOKEN:  # as for prompts: do not tokenize what cannot fit
+            raise ApiError(400, "prompt_too_long", f"the chat is {size} bytes; the context holds {self._n_ctx} tokens")
         tokens = self.chat.render(self._llm, messages)
         if len(tokens) >= self._n_ctx:
             raise ApiError(400, "prompt_too_long", f"the chat is {len(tokens)} tokens; the context holds {self._n_ctx}")
