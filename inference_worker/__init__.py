@@ -1,15 +1,18 @@
-"""The inference worker: a disk cache of GGUF files and one loaded llama.cpp model."""
+"""The inference worker: a disk cache of GGUF files and the llama.cpp models resident in memory."""
 
 from __future__ import annotations
 
 import logging
+import uuid
 
 from flask import Flask
 
 from inference_worker.auth import install_token_check
 from inference_worker.config import WorkerConfig
-from inference_worker.engine import Engine
+from inference_worker.engine import prepare_llama
+from inference_worker.memory import Budget, detect_budget
 from inference_worker.metrics import WorkerMetrics
+from inference_worker.registry import LlamaSettings, ModelRegistry
 from inference_worker.storage import ModelCache
 from model_swap.errors import register_error_handlers
 from model_swap.web import install_request_logging
@@ -17,7 +20,17 @@ from model_swap.web import install_request_logging
 log = logging.getLogger("inference_worker")
 
 
-def create_app(config: WorkerConfig, engine: Engine | None = None) -> Flask:
+def _build_registry(config: WorkerConfig) -> ModelRegistry:
+    budget = (Budget(config.memory_budget_bytes, "MEMORY_BUDGET_BYTES") if config.memory_budget_bytes is not None
+              else detect_budget())
+    log.info("memory budget %d bytes (%.2f GiB), %s; at most %d models loaded", budget.bytes, budget.bytes / (1 << 30),
+             budget.source, config.max_loaded_models)
+    prepare_llama()
+    settings = LlamaSettings(config.n_ctx, config.n_gpu_layers, config.n_threads, config.n_threads_batch)
+    return ModelRegistry(settings, budget, config.max_loaded_models, config.unload_drain_timeout_s)
+
+
+def create_app(config: WorkerConfig, registry: ModelRegistry | None = None) -> Flask:
     """Build the worker app; its state lives in app.extensions["worker"]."""
     app = Flask(__name__)
     cache = ModelCache(config.cache_dir, config.max_model_bytes, config.reserve_disk_bytes)
@@ -25,8 +38,9 @@ def create_app(config: WorkerConfig, engine: Engine | None = None) -> Flask:
     app.extensions["worker"] = {
         "config": config,
         "cache": cache,
-        "engine": engine or Engine(config.n_ctx, config.n_gpu_layers),
+        "registry": registry or _build_registry(config),
         "metrics": WorkerMetrics(),
+        "boot_id": uuid.uuid4().hex,  # changes at every start: a client can tell a restarted worker
     }
     register_error_handlers(app)
     install_request_logging(app, log)
@@ -41,5 +55,6 @@ def create_app(config: WorkerConfig, engine: Engine | None = None) -> Flask:
         from inference_worker.rdma_listener import start_rdma_listener
 
         app.extensions["worker"]["rdma"] = start_rdma_listener(config, cache, app.extensions["worker"]["metrics"])
-    log.info("worker ready: cache=%s token=%s", cache.root, "set" if config.token else "none")
+    log.info("worker ready: cache=%s token=%s n_threads=%d n_threads_batch=%d", cache.root,
+             "set" if config.token else "none", config.n_threads, config.n_threads_batch)
     return app

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import TextIO
 
-from inference_worker.config import ConfigError, load_worker_config
+from inference_worker.config import ConfigError, check_cache_dir, load_worker_config
 from model_swap.serving import configure_logging, serve
+
+
+def _private_stderr() -> TextIO:
+    """A copy of stderr that llama-cpp-python cannot silence: while it loads a model it points
+    file descriptors 1 and 2 at /dev/null, and other threads' log lines would be lost."""
+    return os.fdopen(os.dup(2), "w", buffering=1)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Start the worker under gunicorn."""
-    configure_logging()
+    configure_logging(stream=_private_stderr())
     try:
         config = load_worker_config(argv)
+        check_cache_dir(config.cache_dir)
     except ConfigError as err:
         logging.getLogger(__name__).error("inference-worker: %s", err)
         return 2

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -12,6 +14,19 @@ from model_swap.config import ConfigError, parse_number, parse_optional_number
 
 GIB = 1 << 30
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+AUTO = "auto"
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask, which cgroups and taskset narrow)."""
+    return len(os.sched_getaffinity(0))
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("model-swap")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass(frozen=True)
@@ -25,6 +40,11 @@ class WorkerConfig:
     allow_insecure: bool = False
     n_gpu_layers: int = -1
     n_ctx: int = 2048
+    n_threads: int = field(default_factory=usable_cores)
+    n_threads_batch: int = field(default_factory=usable_cores)
+    memory_budget_bytes: int | None = None  # None: chosen at start (memory.detect_budget)
+    max_loaded_models: int = 3
+    unload_drain_timeout_s: float = 30.0
     max_model_bytes: int = 64 * GIB
     reserve_disk_bytes: int = 256 << 20
     rdma_port: int | None = None
@@ -38,6 +58,14 @@ class WorkerConfig:
             raise ConfigError(f"rdma port must be 1-65535, got {self.rdma_port}")
         if self.n_ctx < 16:
             raise ConfigError(f"n_ctx must be at least 16, got {self.n_ctx}")
+        if self.n_threads < 1 or self.n_threads_batch < 1:
+            raise ConfigError("N_THREADS and N_THREADS_BATCH must be at least 1")
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
+            raise ConfigError("MEMORY_BUDGET_BYTES must be positive (or auto)")
+        if self.max_loaded_models < 1:
+            raise ConfigError("MAX_LOADED_MODELS must be at least 1")
+        if self.unload_drain_timeout_s < 0:
+            raise ConfigError("UNLOAD_DRAIN_TIMEOUT_S must not be negative")
         if self.max_model_bytes <= 0:
             raise ConfigError("max model bytes must be positive")
         if self.reserve_disk_bytes < 0:
@@ -51,35 +79,84 @@ class WorkerConfig:
             )
 
 
+def check_cache_dir(path: Path) -> None:
+    """Create the cache directory if needed and prove it writable, or raise ConfigError."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"cache directory {path} cannot be created: {err.strerror or err}") from None
+    if not path.is_dir():
+        raise ConfigError(f"cache directory {path} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ConfigError(f"cache directory {path} is not writable: {err.strerror or err}") from None
+
+
+def _build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """Every flag says what it does, its default and its environment variable."""
+    d = WorkerConfig
+    parser = argparse.ArgumentParser(
+        prog="inference-worker", description="model-swap inference worker: a disk cache of GGUF files and the "
+        "llama.cpp models resident in memory. A flag wins over its environment variable.")
+
+    def flag(name: str, var: str | None, default, text: str, **kwargs) -> None:
+        shown = "unset" if default is None else default
+        where = f"; env {var}" if var else ""
+        value = env.get(var, default) if var else default
+        parser.add_argument(name, default=value, help=f"{text} (default: {shown}{where})", **kwargs)
+
+    cores = usable_cores()
+    flag("--cache-dir", "MODEL_CACHE_DIR", str(d.cache_dir), "directory of the disk cache; created if missing")
+    flag("--host", "WORKER_HOST", d.host, "address to listen on; a non-loopback one needs a token")
+    flag("--port", "WORKER_PORT", str(d.port), "HTTP port")
+    flag("--token", "WORKER_TOKEN", None, "require 'Authorization: Bearer TOKEN' on every endpoint but /health")
+    parser.add_argument("--insecure-no-token", action="store_true",
+                        default=env.get("WORKER_INSECURE_NO_TOKEN") == "1",
+                        help="allow a non-loopback bind without a token (default: off; env WORKER_INSECURE_NO_TOKEN=1)")
+    flag("--n-gpu-layers", "N_GPU_LAYERS", str(d.n_gpu_layers),
+         "layers to offload to a GPU (-1: all; a CPU build ignores it)")
+    flag("--n-ctx", "N_CTX", str(d.n_ctx), "context length in tokens of every loaded model")
+    flag("--n-threads", "N_THREADS", str(cores),
+         "llama.cpp threads per generation; the default is every core this process may use")
+    flag("--n-threads-batch", "N_THREADS_BATCH", str(cores),
+         "llama.cpp threads for prompt processing; the default is every core this process may use")
+    flag("--memory-budget-bytes", "MEMORY_BUDGET_BYTES", AUTO,
+         "bytes the resident models may take; auto: 80%% of the memory available at start (MemAvailable or the "
+         "cgroup's room, the lower), or a GPU's free memory less 10%% with a GPU build and nvidia-ml-py")
+    flag("--max-loaded-models", "MAX_LOADED_MODELS", str(d.max_loaded_models), "most models resident at once")
+    flag("--unload-drain-timeout-s", "UNLOAD_DRAIN_TIMEOUT_S", str(d.unload_drain_timeout_s),
+         "seconds an unload waits for a model's generations before answering 409 model_busy")
+    flag("--max-model-bytes", "MAX_MODEL_BYTES", str(d.max_model_bytes), "largest model body accepted (413 above)")
+    flag("--reserve-disk-bytes", "RESERVE_DISK_BYTES", str(d.reserve_disk_bytes),
+         "free disk kept; a body that would eat into it gets 507")
+    flag("--rdma-port", "WORKER_RDMA_PORT", None, "start the RDMA listener on this port (needs pyverbs and a device)")
+    flag("--threads", "WORKER_THREADS", str(d.threads), "HTTP request threads")
+    flag("--log-level", "LOG_LEVEL", d.log_level, "DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--version", action="version", version=f"inference-worker (model-swap) {package_version()}")
+    return parser
+
+
 def load_worker_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> WorkerConfig:
     """Build the config: CLI flags win over environment variables, which win over defaults."""
     env = os.environ if env is None else env
-    d = WorkerConfig
-    parser = argparse.ArgumentParser(prog="inference-worker", description="model-swap inference worker")
-    parser.add_argument("--cache-dir", default=env.get("MODEL_CACHE_DIR", str(d.cache_dir)))
-    parser.add_argument("--host", default=env.get("WORKER_HOST", d.host))
-    parser.add_argument("--port", default=env.get("WORKER_PORT", str(d.port)))
-    parser.add_argument("--token", default=env.get("WORKER_TOKEN") or None)
-    parser.add_argument("--insecure-no-token", action="store_true",
-                        default=env.get("WORKER_INSECURE_NO_TOKEN") == "1",
-                        help="allow binding a non-loopback address without a token")
-    parser.add_argument("--n-gpu-layers", default=env.get("N_GPU_LAYERS", str(d.n_gpu_layers)))
-    parser.add_argument("--n-ctx", default=env.get("N_CTX", str(d.n_ctx)))
-    parser.add_argument("--max-model-bytes", default=env.get("MAX_MODEL_BYTES", str(d.max_model_bytes)))
-    parser.add_argument("--reserve-disk-bytes", default=env.get("RESERVE_DISK_BYTES", str(d.reserve_disk_bytes)))
-    parser.add_argument("--rdma-port", default=env.get("WORKER_RDMA_PORT"),
-                        help="start the RDMA listener on this port (needs pyverbs and a device)")
-    parser.add_argument("--threads", default=env.get("WORKER_THREADS", str(d.threads)))
-    parser.add_argument("--log-level", default=env.get("LOG_LEVEL", d.log_level))
-    args = parser.parse_args(argv)
+    args = _build_parser(env).parse_args(argv)
+    budget = None if str(args.memory_budget_bytes).strip().lower() == AUTO else \
+        parse_number(args.memory_budget_bytes, "MEMORY_BUDGET_BYTES")
     return WorkerConfig(
         cache_dir=Path(args.cache_dir),
         host=args.host,
         port=parse_number(args.port, "port"),
-        token=args.token,
+        token=args.token or None,
         allow_insecure=args.insecure_no_token,
         n_gpu_layers=parse_number(args.n_gpu_layers, "N_GPU_LAYERS"),
         n_ctx=parse_number(args.n_ctx, "N_CTX"),
+        n_threads=parse_number(args.n_threads, "N_THREADS"),
+        n_threads_batch=parse_number(args.n_threads_batch, "N_THREADS_BATCH"),
+        memory_budget_bytes=budget,
+        max_loaded_models=parse_number(args.max_loaded_models, "MAX_LOADED_MODELS"),
+        unload_drain_timeout_s=parse_number(args.unload_drain_timeout_s, "UNLOAD_DRAIN_TIMEOUT_S", float),
         max_model_bytes=parse_number(args.max_model_bytes, "MAX_MODEL_BYTES"),
         reserve_disk_bytes=parse_number(args.reserve_disk_bytes, "RESERVE_DISK_BYTES"),
         rdma_port=parse_optional_number(args.rdma_port, "WORKER_RDMA_PORT"),

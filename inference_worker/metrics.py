@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 
 class WorkerMetrics:
-    """Counters and histograms for loads, receipts and generations."""
+    """Counters and histograms for loads, receipts and generations; gauges of what is resident."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes: the RSS the budget is about
         self.loads = Counter("worker_model_loads", "Model loads by result", ["result"], registry=r)
         self.load_seconds = Histogram("worker_model_load_seconds", "Seconds to load a model", registry=r)
         self.bytes_received = Counter("worker_model_bytes_received", "Model bytes written into the cache", registry=r)
@@ -19,4 +22,31 @@ class WorkerMetrics:
         self.tokens = Counter("worker_tokens_generated", "Tokens generated", registry=r)
         self.ttft_seconds = Histogram("worker_time_to_first_token_seconds", "Seconds to the first token",
                                       buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
-        self.loaded = Gauge("worker_model_loaded", "1 while a model is loaded", registry=r)
+        self.loaded = Gauge("worker_model_loaded", "1 for each resident model", ["model"], registry=r)
+        self.model_memory = Gauge("worker_model_memory_bytes", "A resident model's memory, measured (RSS change "
+                                  "across its load) and estimated (from its GGUF header)", ["model", "kind"],
+                                  registry=r)
+        self.generations = Gauge("worker_model_generations", "Generations per resident model, running or waiting",
+                                 ["model", "state"], registry=r)
+        self.memory_used = Gauge("worker_memory_used_bytes", "Bytes the resident models count against the budget",
+                                 registry=r)
+        self.memory_budget = Gauge("worker_memory_budget_bytes", "Bytes resident models may take", registry=r)
+        self._scrape_lock = threading.Lock()  # one scrape at a time: each clears and refills the gauges
+
+    def exposition(self, models: list[dict], memory: dict) -> bytes:
+        """The text format, with the residency gauges set from the registry's snapshot."""
+        with self._scrape_lock:
+            self._refresh_residency(models, memory)
+            return generate_latest(self.registry)
+
+    def _refresh_residency(self, models: list[dict], memory: dict) -> None:
+        for gauge in (self.loaded, self.model_memory, self.generations):
+            gauge.clear()  # unloaded models drop out
+        for m in models:
+            self.loaded.labels(m["name"]).set(1)
+            self.model_memory.labels(m["name"], "measured").set(m["memory_bytes"])
+            self.model_memory.labels(m["name"], "estimated").set(m["estimated_bytes"])
+            self.generations.labels(m["name"], "active").set(m["active"])
+            self.generations.labels(m["name"], "waiting").set(m["waiting"])
+        self.memory_used.set(memory["used_bytes"])
+        self.memory_budget.set(memory["budget_bytes"])

@@ -1,4 +1,4 @@
-"""Streaming generation on the loaded model."""
+"""Streaming generation on a resident model."""
 
 from __future__ import annotations
 
@@ -66,7 +66,8 @@ def _stream(gen: Generation, pieces: Iterator[Piece], started: float, ndjson: bo
 
 @bp.post("/infer")
 def infer():
-    """Stream from the loaded model; 409 model_not_loaded if `model` names another.
+    """Stream from a resident model: 409 model_not_loaded if it is not loaded, 409 model_unloading
+    while an unload drains it; `model` may be left out only while exactly one model is loaded.
 
     Body: {"prompt" or "messages", "max_tokens", "temperature", "logprobs", "response_format", "model",
     "stream_format"}. stream_format "text" (default) is text/plain; "ndjson" is one {"text"} object
@@ -83,7 +84,7 @@ def infer():
         raise ApiError(400, "invalid_request", f"stream_format must be one of {', '.join(STREAM_FORMATS)}")
     metrics = state.metrics()
     try:
-        gen = state.engine().begin(model)
+        gen = state.registry().begin(model)
     except ApiError:
         metrics.requests.labels("rejected").inc()
         raise

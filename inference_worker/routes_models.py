@@ -49,20 +49,27 @@ def _receive() -> dict:
 
 
 def _load(name: str, settings: ModelSettings = ModelSettings()) -> dict:
-    """Load a cached model into the engine, counting the result."""
+    """Load a cached model alongside the resident ones, opened with `settings`, counting the result."""
     cache, m = state.cache(), state.metrics()
     if not cache.contains(name):
         raise ApiError(404, "model_not_cached", f"{name} is not in the worker's cache")
     try:
-        result = state.engine().load(name, cache.path_for(name), settings)
-    except ApiError:
-        m.loads.labels("error").inc()
+        result = state.registry().load(name, cache.path_for(name), settings)
+    except ApiError as err:
+        m.loads.labels("insufficient_memory" if err.code == "insufficient_memory" else "error").inc()
         raise
-    m.loads.labels("ok").inc()
-    m.load_seconds.observe(result.load_ms / 1000)
-    m.loaded.set(1)
+    if not result.already_loaded:
+        m.loads.labels("ok").inc()
+        m.load_seconds.observe(result.load_ms / 1000)
     cache.touch(name)
-    return {"loaded": name, "previous": result.previous, "load_ms": round(result.load_ms, 2)}
+    return {"loaded": name, "already_loaded": result.already_loaded, "load_ms": round(result.load_ms, 2),
+            "memory_bytes": result.memory_bytes, "estimated_bytes": result.estimated_bytes}
+
+
+def _optional_body() -> dict:
+    """The JSON body, or {} when the request has none."""
+    has_body = request.content_length or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    return json_body() if has_body else {}
 
 
 @bp.post("/load_model_from_store")
@@ -88,38 +95,39 @@ def cache_model():
 def load_model_from_local_store():
     """Load a model that is already cached; an optional JSON body {"settings": {...}} says how to open it."""
     name = check_model_name(request.headers.get("X-Model-Name"))
-    body = json_body() if request.content_length else {}
-    return jsonify(_load(name, ModelSettings.from_json(body.get("settings"))))
+    return jsonify(_load(name, ModelSettings.from_json(_optional_body().get("settings"))))
 
 
 @bp.get("/models")
 def list_models():
-    """The truth of disk and memory: what is loaded and every cached file."""
-    engine = state.engine()
+    """The truth of disk and memory: the resident models, the budget and every cached file."""
+    registry = state.registry()
     return jsonify({
-        "loaded": engine.loaded,
+        "boot_id": state.boot_id(),
+        "loaded": registry.snapshot(),
+        "memory": registry.memory(),
         "cached": [m.to_json() for m in state.cache().list()],
-        "queue_depth": engine.queue_depth(),
+        "queue_depth": registry.queue_depth(),
     })
 
 
 @bp.delete("/models/<name>")
 def delete_model(name: str):
-    """Remove a cached file, unloading it first if it is loaded."""
+    """Remove a cached file, unloading it first (drained) if it is loaded."""
     check_model_name(name)
     started = time.perf_counter()
-    unloaded = state.engine().unload(name)
-    if unloaded:
-        state.metrics().loaded.set(0)
+    unloaded = state.registry().unload(name)
     if not state.cache().delete(name) and not unloaded:
         raise ApiError(404, "model_not_cached", f"{name} is not in the worker's cache")
-    return jsonify({"deleted": name, "unloaded": bool(unloaded),
+    return jsonify({"deleted": name, "unloaded": unloaded,
                     "elapsed_ms": round((time.perf_counter() - started) * 1000, 2)})
 
 
 @bp.post("/unload")
 def unload():
-    """Unload the loaded model, if any."""
-    unloaded = state.engine().unload()
-    state.metrics().loaded.set(0)
-    return jsonify({"unloaded": unloaded})
+    """Unload {"model": name} once its generations finish; without a body, every model."""
+    model = _optional_body().get("model")
+    if model is None:
+        return jsonify({"unloaded": state.registry().unload_all()})
+    check_model_name(model)
+    return jsonify({"unloaded": [model] if state.registry().unload(model) else []})

@@ -45,9 +45,9 @@ def models():
     config = current_app.extensions["store"]["config"]
     try:
         worker = swapper.worker.state()
-        worker_view = {"reachable": True, "loaded": worker.loaded, "cached": [c["name"] for c in worker.cached]}
+        worker_view = {"reachable": True, "loaded": list(worker.loaded), "cached": [c["name"] for c in worker.cached]}
     except ApiError:
-        worker_view = {"reachable": False, "loaded": None, "cached": []}
+        worker_view = {"reachable": False, "loaded": [], "cached": []}
     return jsonify({
         "models": [m.to_json() for m in swapper.catalog.list()],
         "policy": {"name": config.cache_policy, "cached": swapper.cached(), "loaded": swapper.loaded(),

@@ -228,8 +228,11 @@ class Swapper:
 
     def _load(self, name: str) -> None:
         started = time.perf_counter()
-        self._loaded = None  # until the worker confirms, we do not know
+        previous, self._loaded = self._loaded, None  # until the worker confirms, we do not know
         try:
+            if previous is not None and previous != name:
+                # The worker keeps models side by side; the store still holds one at a time.
+                self.worker.unload(previous)
             self.worker.load_local(name)
         except ApiError:
             self._stale = True  # a failed load may have restored the previous model: ask the worker
@@ -285,7 +288,10 @@ class Swapper:
             self._admitted_sha[name] = ours.sha256
         with self._policy_lock:
             kept = set(self.policy.entries())
-        self._loaded = state.loaded if state.loaded in kept else None
+        resident = [name for name in state.loaded if name in kept]  # the others' files were deleted
+        self._loaded = resident[-1] if resident else None
+        for name in resident[:-1]:  # the store holds one model at a time: keep the latest loaded
+            self.worker.unload(name)
         self._stale = False
         log.info("[reconcile] adopted=[%s] removed=[%s] loaded=%s", ", ".join(adopted), ", ".join(removed),
                  self._loaded)

@@ -48,7 +48,7 @@ def _error_from(status: int, body: bytes) -> ApiError:
 class WorkerState:
     """What the worker says is on its disk and in memory."""
 
-    loaded: str | None
+    loaded: tuple[str, ...]  # the resident models' names, in load order
     cached: list[dict]
 
 
@@ -76,7 +76,9 @@ class WorkerClient:
 
     def state(self) -> WorkerState:
         body = self._call("GET", "/models").json()
-        return WorkerState(body.get("loaded"), list(body.get("cached", [])))
+        entries = body.get("loaded") or []
+        loaded = tuple(e["name"] for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str))
+        return WorkerState(loaded, list(body.get("cached", [])))
 
     def health(self) -> bool:
         try:
@@ -99,8 +101,12 @@ class WorkerClient:
             raise
         return True
 
-    def unload(self) -> None:
-        self._call("POST", "/unload")
+    def unload(self, name: str | None = None) -> None:
+        """Unload one model (after its generations finish), or every model without a name."""
+        if name is None:
+            self._call("POST", "/unload")
+        else:
+            self._call("POST", "/unload", json={"model": check_model_name(name)})
 
     def infer(self, model: str, request: GenerationRequest, stream_format: str = "text") -> requests.Response:
         """Start a streamed generation; raises for an error status before any text."""

@@ -33,6 +33,7 @@ class ApiError(Exception):
         self.message = message
         self.headers = headers or {}
         self.param = param
+        # Extra fields of the error object, figures a client can act on (the bytes a load needs).
         self.details = details or {}
 
     def to_json(self) -> dict:

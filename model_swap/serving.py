@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, TextIO
 
 from flask import Flask
 from gunicorn.app.base import BaseApplication
@@ -11,9 +11,9 @@ from gunicorn.app.base import BaseApplication
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Send every log line to stderr in one format."""
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
+def configure_logging(level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Send every log line to stderr (or `stream`) in one format."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=stream)
 
 
 class _GunicornApp(BaseApplication):

@@ -7,12 +7,21 @@ import json
 import pytest
 
 from inference_worker.chat_templates import choose_chat_template
-from inference_worker.engine import Engine, _open_llama
+from inference_worker.engine import open_llama
+from inference_worker.memory import Budget, estimate_model_memory
+from inference_worker.registry import LlamaSettings, ModelRegistry
 from model_swap.errors import ApiError
+from model_swap.gguf import read_header
 from model_swap.model_settings import ModelSettings
 from model_swap.web import GenerationRequest
 
 CHAT = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"})
+N_CTX = 256
+
+
+def _registry(budget: int = 1 << 40) -> ModelRegistry:
+    return ModelRegistry(LlamaSettings(n_ctx=N_CTX, n_gpu_layers=0, n_threads=1, n_threads_batch=1),
+                         Budget(budget, "test"), max_loaded_models=3, drain_timeout_s=10.0)
 
 
 @pytest.fixture
@@ -22,12 +31,12 @@ def tiny(make_model, tmp_path):
 
 @pytest.fixture
 def engine():
-    e = Engine(n_ctx=256, n_gpu_layers=0)
-    yield e
-    e.unload()
+    registry = _registry()
+    yield registry
+    registry.unload_all()
 
 
-def _chat(engine: Engine, name: str, request: GenerationRequest) -> tuple[list, object]:
+def _chat(engine: ModelRegistry, name: str, request: GenerationRequest) -> tuple[list, object]:
     gen = engine.begin(name)
     try:
         gen.check_messages(request.messages)
@@ -37,7 +46,7 @@ def _chat(engine: Engine, name: str, request: GenerationRequest) -> tuple[list, 
 
 
 def test_a_file_without_template_gets_the_plain_fallback(tiny):
-    llm = _open_llama(tiny, 256, 0)
+    llm = open_llama(tiny, N_CTX, 0, 1, 1)
     try:
         template = choose_chat_template(llm, None)
         assert template.label == "fallback:plain"
@@ -54,7 +63,7 @@ def test_a_file_without_template_gets_the_plain_fallback(tiny):
 
 
 def test_a_file_with_a_template_uses_its_own(real_model):
-    llm = _open_llama(real_model("SmolLM2-135M-Instruct.Q4_1.gguf"), 256, 0)
+    llm = open_llama(real_model("SmolLM2-135M-Instruct.Q4_1.gguf"), N_CTX, 0, 1, 1)
     try:
         template = choose_chat_template(llm, None)
         assert template.label == "gguf"
@@ -97,7 +106,7 @@ def test_a_template_that_cannot_apply_fails_the_load_and_keeps_the_previous(engi
     with pytest.raises(ApiError) as err:
         engine.load("b.gguf", other, ModelSettings(chat_template="gguf"))
     assert err.value.code == "load_failed"
-    assert engine.loaded == "a.gguf"
+    assert engine.loaded_names() == ["a.gguf"]
 
 
 def test_logprobs_need_the_setting(engine, tiny):
@@ -139,3 +148,54 @@ def test_json_output_through_a_grammar(engine, tiny, response_format):
     assert isinstance(value, dict)
     if response_format["type"] == "json_schema":
         assert isinstance(value["answer"], int)
+
+
+def _context_and_template(registry: ModelRegistry, name: str) -> tuple[int, str]:
+    gen = registry.begin(name)
+    try:
+        return gen._n_ctx, gen.chat.label
+    finally:
+        gen.release()
+
+
+def test_resident_models_keep_their_own_settings(engine, tiny, make_model, tmp_path):
+    engine.load("a.gguf", tiny, ModelSettings(n_ctx=64, chat_template="chatml", logprobs=True))
+    engine.load("b.gguf", make_model(tmp_path, "b.gguf", seed=2))
+    assert engine.loaded_names() == ["a.gguf", "b.gguf"]
+    assert _context_and_template(engine, "a.gguf") == (64, "config:chatml")
+    assert _context_and_template(engine, "b.gguf") == (N_CTX, "fallback:plain")
+    listed = {m["name"]: m for m in engine.snapshot()}
+    assert (listed["a.gguf"]["n_ctx"], listed["a.gguf"]["chat_template"]) == (64, "config:chatml")
+    assert listed["a.gguf"]["settings"] == {"n_ctx": 64, "chat_template": "chatml", "logprobs": True}
+    assert (listed["b.gguf"]["n_ctx"], listed["b.gguf"]["settings"]) == (N_CTX, {})
+    for name, allowed in (("a.gguf", True), ("b.gguf", False)):  # logits are kept for a only
+        gen = engine.begin(name)
+        try:
+            if allowed:
+                assert all(p.logprobs for p in gen.stream(GenerationRequest("hello", None, 2, 0.0, logprobs=1)))
+            else:
+                with pytest.raises(ApiError) as err:
+                    list(gen.stream(GenerationRequest("hello", None, 2, 0.0, logprobs=1)))
+                assert err.value.param == "logprobs"
+        finally:
+            gen.release()
+
+
+def test_the_estimate_and_the_budget_use_the_models_own_context(tiny):
+    header = read_header(tiny)
+    default, large = estimate_model_memory(header, N_CTX).total, estimate_model_memory(header, 4 * N_CTX).total
+    assert large > default  # a larger context needs a larger KV cache
+    tight = _registry(budget=default)  # room for the worker's default context only
+    try:
+        with pytest.raises(ApiError) as err:
+            tight.load("a.gguf", tiny, ModelSettings(n_ctx=4 * N_CTX))
+        assert err.value.code == "insufficient_memory" and err.value.details["need_bytes"] == large
+        assert tight.load("a.gguf", tiny).estimated_bytes == default
+    finally:
+        tight.unload_all()
+    roomy = _registry(budget=large)
+    try:
+        assert roomy.load("a.gguf", tiny, ModelSettings(n_ctx=4 * N_CTX)).estimated_bytes == large
+        assert roomy.snapshot()[0]["n_ctx"] == 4 * N_CTX
+    finally:
+        roomy.unload_all()

@@ -54,7 +54,13 @@ def test_upload_load_and_stream(worker, model_a):
     assert len(pieces) >= 1 and b"".join(pieces)
 
     listing = requests.get(worker.url + "/models").json()
-    assert listing["loaded"] == "a.gguf"
+    assert [m["name"] for m in listing["loaded"]] == ["a.gguf"]
+    entry = listing["loaded"][0]
+    assert (entry["active"], entry["waiting"], entry["unloading"]) == (0, 0, False)
+    assert entry["memory_bytes"] > 0 and entry["estimated_bytes"] > 0
+    assert entry["loaded_at"] <= entry["last_used"]
+    assert listing["memory"]["used_bytes"] >= entry["estimated_bytes"] and listing["memory"]["max_loaded_models"] == 3
+    assert listing["boot_id"] == requests.get(worker.url + "/health").json()["boot_id"]
     assert [(m["name"], m["size"], m["sha256"]) for m in listing["cached"]] == [
         ("a.gguf", len(data), hashlib.sha256(data).hexdigest())]
     assert _files(worker.cache_dir) == ["a.gguf"]
@@ -71,9 +77,29 @@ def test_chunked_upload_is_accepted(worker, model_a):
 def test_cache_only_then_load_from_local_store(worker, model_a):
     r = _upload(worker.url, "a.gguf", model_a.read_bytes())
     assert r.status_code == 200
-    assert requests.get(worker.url + "/models").json()["loaded"] is None
+    assert requests.get(worker.url + "/models").json()["loaded"] == []
     r = requests.post(worker.url + "/load_model_from_local_store", headers={"X-Model-Name": "a.gguf"})
-    assert r.status_code == 200 and r.json()["loaded"] == "a.gguf"
+    assert r.status_code == 200 and r.json()["loaded"] == "a.gguf" and r.json()["already_loaded"] is False
+    again = requests.post(worker.url + "/load_model_from_local_store", headers={"X-Model-Name": "a.gguf"})
+    assert again.status_code == 200 and again.json()["already_loaded"] is True
+
+
+def test_load_from_local_store_applies_the_settings_in_its_body(worker, model_a):
+    _upload(worker.url, "a.gguf", model_a.read_bytes())
+    load = requests.post(worker.url + "/load_model_from_local_store", headers={"X-Model-Name": "a.gguf"},
+                         json={"settings": {"n_ctx": 64, "chat_template": "chatml"}})
+    assert load.status_code == 200 and load.json()["already_loaded"] is False
+    entry = requests.get(worker.url + "/models").json()["loaded"][0]
+    assert (entry["n_ctx"], entry["chat_template"]) == (64, "config:chatml")
+    assert entry["settings"] == {"n_ctx": 64, "chat_template": "chatml"}
+    r = requests.post(worker.url + "/infer", json={"messages": [{"role": "user", "content": "x" * 500}],
+                                                   "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"  # 64, not the worker's N_CTX
+    bad = requests.post(worker.url + "/load_model_from_local_store", headers={"X-Model-Name": "a.gguf"},
+                        json={"settings": {"n_ctx": "big"}})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
+    assert bad.json()["error"]["param"] == "settings"
+    assert requests.get(worker.url + "/models").json()["loaded"][0]["n_ctx"] == 64  # a refused load changes nothing
 
 
 def test_load_from_local_store_unknown_is_404(worker):
@@ -164,7 +190,7 @@ def test_corrupt_model_fails_and_previous_keeps_serving(worker, model_a):
     r = _upload(worker.url, "broken.gguf", corrupt, "/load_model_from_store")
     assert r.status_code == 422, r.text
     assert r.json()["error"]["code"] == "load_failed"
-    assert requests.get(worker.url + "/models").json()["loaded"] == "a.gguf"
+    assert [m["name"] for m in requests.get(worker.url + "/models").json()["loaded"]] == ["a.gguf"]
     with requests.post(worker.url + "/infer", json={"prompt": "hi", "max_tokens": 4, "model": "a.gguf"}) as r:
         assert r.status_code == 200 and r.content
 
@@ -220,8 +246,10 @@ def test_load_during_generation_lets_it_finish(worker, model_a, model_b):
     assert next(chunks)
     load = requests.post(worker.url + "/load_model_from_local_store", headers={"X-Model-Name": "b.gguf"})
     rest = b"".join(chunks)
-    assert load.status_code == 200 and load.json()["previous"] == "a.gguf"
+    assert load.status_code == 200 and load.json()["loaded"] == "b.gguf"
     assert rest, "the generation went on after the load was asked for"
+    # b was loaded alongside a: nothing was closed under the running generation.
+    assert [m["name"] for m in requests.get(worker.url + "/models").json()["loaded"]] == ["a.gguf", "b.gguf"]
     metrics = requests.get(worker.url + "/metrics").text
     # The stream ran to its end: a load drains, it never cuts a generation short.
     assert 'worker_infer_requests_total{result="ok"} 1.0' in metrics
@@ -248,14 +276,14 @@ def test_delete_unloads_and_removes(worker, model_a):
     r = requests.delete(worker.url + "/models/a.gguf")
     assert r.status_code == 200 and r.json()["unloaded"] is True
     assert _files(worker.cache_dir) == []
-    assert requests.get(worker.url + "/models").json()["loaded"] is None
+    assert requests.get(worker.url + "/models").json()["loaded"] == []
     assert requests.delete(worker.url + "/models/a.gguf").status_code == 404
 
 
 def test_unload(worker, model_a):
     _upload(worker.url, "a.gguf", model_a.read_bytes(), "/load_model_from_store")
-    assert requests.post(worker.url + "/unload").json()["unloaded"] == "a.gguf"
-    assert requests.get(worker.url + "/health").json()["loaded"] is None
+    assert requests.post(worker.url + "/unload").json()["unloaded"] == ["a.gguf"]
+    assert requests.get(worker.url + "/health").json()["loaded"] == []
 
 
 def test_metrics_count_loads_and_bytes(worker, model_a):
@@ -329,3 +357,41 @@ def test_json_without_content_type_and_oversized_bodies(worker, model_a):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = requests.post(worker.url + "/infer", json={"prompt": "word " * 100_000})  # refused before tokenizing
     assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"
+
+
+@pytest.mark.parametrize("kwargs,status,code", [
+    ({"json": {"model": "../a.gguf"}}, 400, "invalid_model_name"),
+    ({"data": "not json"}, 400, "invalid_json"),
+])
+def test_unload_checks_its_body(worker, model_a, kwargs, status, code):
+    _upload(worker.url, "a.gguf", model_a.read_bytes(), "/load_model_from_store")
+    r = requests.post(worker.url + "/unload", **kwargs)
+    assert (r.status_code, r.json()["error"]["code"]) == (status, code)
+    assert [m["name"] for m in requests.get(worker.url + "/models").json()["loaded"]] == ["a.gguf"]
+    assert requests.post(worker.url + "/unload", json={"model": "other.gguf"}).json() == {"unloaded": []}
+
+
+def test_no_log_line_is_lost_while_models_load(worker, model_a):
+    # llama-cpp-python points fds 1 and 2 at /dev/null while it loads; the worker logs elsewhere.
+    _upload(worker.url, "a.gguf", model_a.read_bytes())
+    before = worker.log().count("GET /health 200")
+    made = 0
+    done = threading.Event()
+
+    def hammer():
+        nonlocal made
+        with requests.Session() as s:
+            while not done.is_set():
+                assert s.get(worker.url + "/health").status_code == 200
+                made += 1
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        for _ in range(30):
+            assert requests.post(worker.url + "/load_model_from_local_store", headers={"X-Model-Name": "a.gguf"}).ok
+            assert requests.post(worker.url + "/unload", json={"model": "a.gguf"}).ok
+    finally:
+        done.set()
+        t.join()
+    assert worker.log().count("GET /health 200") - before == made

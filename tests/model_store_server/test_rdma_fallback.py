@@ -75,7 +75,7 @@ def test_rdma_with_fallback_answers_over_http(stack) -> None:
     assert response.headers["X-Cache-Action"] == "load_from_store"
     assert isinstance(response.text, str)
     worker_view = requests.get(s.worker.url + "/models", timeout=10).json()
-    assert worker_view["loaded"] == MODEL
+    assert [m["name"] for m in worker_view["loaded"]] == [MODEL]
     assert [(m["name"], m["sha256"]) for m in worker_view["cached"]] == [(MODEL, sha256_file(s.model_path))]
     again = ask(s)
     assert again.status_code == 200 and again.headers["X-Cache-Action"] == "already_loaded"
@@ -95,6 +95,6 @@ def test_rdma_without_fallback_is_502_and_leaves_nothing_on_the_worker(stack) ->
     prefetch = requests.post(s.store.url + "/admin/prefetch", json={"model": MODEL}, timeout=60)
     assert (prefetch.status_code, prefetch.json()["error"]["code"]) == (502, "rdma_unavailable")
     worker_view = requests.get(s.worker.url + "/models", timeout=10).json()
-    assert worker_view["loaded"] is None and worker_view["cached"] == []
+    assert worker_view["loaded"] == [] and worker_view["cached"] == []
     assert sorted(p.name for p in s.cache_dir.iterdir()) == []  # no model, no temporary file
     assert len(rdma_warnings(s.worker)) == 1

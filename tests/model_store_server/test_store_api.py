@@ -54,7 +54,7 @@ def test_lru_sequence(services, worker, models_dir):
     assert disk(worker) == ["b.gguf", "c.gguf"]
     listing = requests.get(store.url + "/models").json()
     assert sorted(listing["policy"]["cached"]) == ["b.gguf", "c.gguf"]
-    assert listing["worker"]["loaded"] == "b.gguf"
+    assert listing["worker"]["loaded"] == ["b.gguf"]
 
 
 def test_no_evict_rejects_without_transfer(services, worker, models_dir):
@@ -149,7 +149,7 @@ def test_reset_empties_worker_and_policy(services, worker, models_dir):
     r = requests.post(store.url + "/admin/reset")
     assert r.status_code == 200 and sorted(r.json()["deleted"]) == ["a.gguf", "b.gguf"]
     assert disk(worker) == []
-    assert requests.get(worker.url + "/models").json()["loaded"] is None
+    assert requests.get(worker.url + "/models").json()["loaded"] == []
     assert ask(store, "a.gguf")[1] == "load_from_store"
 
 
@@ -158,7 +158,7 @@ def test_prefetch_caches_without_loading(services, worker, models_dir):
     r = requests.post(store.url + "/admin/prefetch", json={"model": "a.gguf"})
     assert r.status_code == 200 and r.json()["action"] == "cached"
     assert disk(worker) == ["a.gguf"]
-    assert requests.get(worker.url + "/models").json()["loaded"] is None
+    assert requests.get(worker.url + "/models").json()["loaded"] == []
     assert requests.post(store.url + "/admin/prefetch", json={"model": "a.gguf"}).json()["action"] == \
         "already_cached"
     assert ask(store, "a.gguf")[1] == "load_from_local_store"
@@ -311,3 +311,16 @@ def test_prompt_too_long_is_a_400_with_its_code(services, models_dir, tmp_path):
     assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"
     assert r.headers["X-Cache-Action"] == "load_from_store"  # the swap it caused is reported
     assert ask(store, "a.gguf")[0] == 200  # the worker still serves
+
+
+def test_store_starting_against_a_worker_with_several_models_loaded_keeps_one(services, worker, models_dir):
+    for name in ("a.gguf", "b.gguf"):
+        requests.post(worker.url + "/cache_model", data=(models_dir / name).read_bytes(),
+                      headers={"X-Model-Name": name}).raise_for_status()
+        requests.post(worker.url + "/load_model_from_local_store", headers={"X-Model-Name": name}).raise_for_status()
+    store = services.store(models_dir, worker)
+    loaded = [m["name"] for m in requests.get(worker.url + "/models").json()["loaded"]]
+    assert loaded == ["b.gguf"]  # the store holds one model at a time; it keeps the last loaded
+    assert ask(store, "b.gguf")[1] == "already_loaded"
+    assert ask(store, "a.gguf")[1] == "load_from_local_store"
+    assert [m["name"] for m in requests.get(worker.url + "/models").json()["loaded"]] == ["a.gguf"]
