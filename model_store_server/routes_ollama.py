@@ -84,22 +84,35 @@ def tags():
     return jsonify({"models": [_model_entry(f) for f in model_names().files()]})
 
 
+def _in_store(name: str) -> bool:
+    """Whether a name the worker reports is one of the store's files (a bad name is not)."""
+    try:
+        return model_names().catalog.has(name)
+    except ApiError:
+        return False
+
+
 @bp.get("/ps")
 def ps():
-    """Loaded models (Ollama's meaning of running), and, under "on_disk", the rest of the worker's disk cache."""
+    """The models loaded on the worker (Ollama's meaning of running); under "on_disk", the rest of its disk cache."""
     swapper = current_app.extensions["store"]["swapper"]
-    loaded = swapper.loaded()
+    # The worker's own listing: it keeps several models resident, not only the one the store loaded last.
+    resident = [e for e in swapper.worker.state().resident if _in_store(e["name"])]
 
-    def entry(file: str, state: str) -> dict:
+    def entry(file: str, state: str, worker_entry: dict | None = None) -> dict:
         settings = model_names().config.settings_for(file)
         base = _model_entry(file)
-        context = settings.n_ctx or _metadata(file).get(f"{base['details']['family']}.context_length")
+        # A loaded model's context is the one the worker opened it with; else the configured n_ctx,
+        # else the length the model was trained for.
+        context = ((worker_entry or {}).get("n_ctx") or settings.n_ctx
+                   or _metadata(file).get(f"{base['details']['family']}.context_length"))
         return dict(base, size_vram=0, expires_at=_wall_clock(swapper.expires_at(file)), state=state,
                     context_length=context)
 
-    cached = [f for f in swapper.cached() if model_names().catalog.has(f)]
-    return jsonify({"models": [entry(f, "loaded") for f in cached if f == loaded],
-                    "on_disk": [entry(f, "on_disk") for f in cached if f != loaded]})
+    loaded = {e["name"] for e in resident}
+    cached = [f for f in swapper.cached() if _in_store(f)]
+    return jsonify({"models": [entry(e["name"], "loaded", e) for e in resident],
+                    "on_disk": [entry(f, "on_disk") for f in cached if f not in loaded]})
 
 
 @bp.post("/show")

@@ -50,6 +50,7 @@ class WorkerState:
 
     loaded: tuple[str, ...]  # the resident models' names, in load order
     cached: list[dict]
+    resident: tuple[dict, ...] = ()  # the worker's entry for each of them (n_ctx, memory_bytes, ...)
 
 
 class WorkerClient:
@@ -76,9 +77,8 @@ class WorkerClient:
 
     def state(self) -> WorkerState:
         body = self._call("GET", "/models").json()
-        entries = body.get("loaded") or []
-        loaded = tuple(e["name"] for e in entries if isinstance(e, dict) and isinstance(e.get("name"), str))
-        return WorkerState(loaded, list(body.get("cached", [])))
+        entries = tuple(e for e in body.get("loaded") or [] if isinstance(e, dict) and isinstance(e.get("name"), str))
+        return WorkerState(tuple(e["name"] for e in entries), list(body.get("cached", [])), entries)
 
     def health(self) -> bool:
         try:

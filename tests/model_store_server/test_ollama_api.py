@@ -35,6 +35,7 @@ def store(module_services, module_model, tmp_path_factory):
     store = module_services.store(models, worker, policy="lru-ttl", max_cache_size=3, ttl_seconds=TTL_S,
                                   extra=["--models-config", str(root / "models.toml")])
     store.models_dir = models
+    store.worker_url = worker.url
     return store
 
 
@@ -119,6 +120,22 @@ def test_ps_shows_what_is_loaded_and_what_is_on_disk(client, store):
     body = requests.get(store.url + "/api/ps").json()
     assert [m["model"] for m in body["on_disk"]] == ["alpha"]
     assert body["on_disk"][0]["state"] == "on_disk" and body["on_disk"][0]["context_length"] == 512
+
+
+def test_ps_lists_every_model_the_worker_holds(client, store):
+    client.generate(model="b", prompt="hi", options={"num_predict": 1})
+    # The worker keeps models side by side: one loaded there directly is resident too.
+    direct = requests.post(store.worker_url + "/load_model_from_local_store", headers={"X-Model-Name": "a.gguf"},
+                           json={"settings": {"n_ctx": 128}})
+    assert direct.status_code == 200, direct.text
+    try:
+        running = requests.get(store.url + "/api/ps").json()
+        assert [(m["file"], m["state"]) for m in running["models"]] == [("b.gguf", "loaded"), ("a.gguf", "loaded")]
+        assert running["models"][1]["context_length"] == 128  # what the worker opened it with
+        assert running["on_disk"] == []
+        assert [m.model for m in client.ps().models] == ["b.gguf", "alpha"]
+    finally:
+        requests.post(store.worker_url + "/unload", json={"model": "a.gguf"})
 
 
 def test_requests_go_through_the_swap_path(store):
