@@ -77,7 +77,7 @@ class LoadedModel:
                 "loaded_at": self.loaded_at, "last_used": self.last_used, "active": self.active,
                 "waiting": self.waiting, "unloading": self.unloading,
                 "estimate": {"weights_bytes": self.estimate.weights, "kv_cache_bytes": self.estimate.kv_cache,
-                             "context_bytes": self.estimate.context},
+                             "context_bytes": self.estimate.context, "logits_bytes": self.estimate.logits},
                 "llama_model_bytes": self.llama_model_bytes, "n_ctx": self.n_ctx, "chat_template": self.chat.label,
                 "settings": self.settings.to_json()}
 
@@ -150,7 +150,7 @@ class ModelRegistry:
         if it does not fit."""
         identity = _file_identity(path)
         n_ctx = settings.n_ctx or self.settings.n_ctx
-        estimate = self._estimate(name, path, identity, n_ctx)
+        estimate = self._estimate(name, path, identity, n_ctx, settings.logprobs)
         while True:
             with self._cond:
                 current = self._models.get(name)
@@ -170,16 +170,16 @@ class ModelRegistry:
                     self._check_room(name, estimate.total)
                 return self._open(name, path, identity, estimate, settings, n_ctx)
 
-    def _estimate(self, name: str, path: Path, identity, n_ctx: int) -> MemoryEstimate:
+    def _estimate(self, name: str, path: Path, identity, n_ctx: int, logits_all: bool) -> MemoryEstimate:
         """The file's memory estimate for this context, remembered per file version (Gemma's header
         takes ~60 ms)."""
-        key = (str(path), identity, n_ctx)
+        key = (str(path), identity, n_ctx, logits_all)
         with self._cond:
             known = self._estimates.get(key)
         if known is not None:
             return known
         try:
-            estimate = estimate_model_memory(read_header(path), n_ctx)
+            estimate = estimate_model_memory(read_header(path), n_ctx, logits_all)
         except (GgufError, OSError) as err:
             raise ApiError(422, "load_failed", f"{name} is not a loadable GGUF file: {err}") from err
         with self._cond:

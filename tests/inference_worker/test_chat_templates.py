@@ -168,6 +168,10 @@ def test_resident_models_keep_their_own_settings(engine, tiny, make_model, tmp_p
     assert (listed["a.gguf"]["n_ctx"], listed["a.gguf"]["chat_template"]) == (64, "config:chatml")
     assert listed["a.gguf"]["settings"] == {"n_ctx": 64, "chat_template": "chatml", "logprobs": True}
     assert (listed["b.gguf"]["n_ctx"], listed["b.gguf"]["settings"]) == (N_CTX, {})
+    # a's logits table (its own 64 positions) counts against the budget; b keeps none.
+    logits = estimate_model_memory(read_header(tiny), 64, logits_all=True).logits
+    assert listed["a.gguf"]["estimate"]["logits_bytes"] == logits > 0
+    assert listed["b.gguf"]["estimate"]["logits_bytes"] == 0
     for name, allowed in (("a.gguf", True), ("b.gguf", False)):  # logits are kept for a only
         gen = engine.begin(name)
         try:
