@@ -7,13 +7,13 @@ import uuid
 
 from flask import Flask
 
-from inference_worker.auth import install_token_check
 from inference_worker.config import WorkerConfig
 from inference_worker.engine import prepare_llama
 from inference_worker.memory import Budget, detect_budget
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.registry import LlamaSettings, ModelRegistry
 from inference_worker.storage import ModelCache
+from model_swap.auth import install_token_check
 from model_swap.errors import register_error_handlers
 from model_swap.web import install_request_logging
 
@@ -44,7 +44,7 @@ def create_app(config: WorkerConfig, registry: ModelRegistry | None = None) -> F
     }
     register_error_handlers(app)
     install_request_logging(app, log)
-    install_token_check(app, config.token)
+    install_token_check(app, config.token, open_endpoints={"ops.health"})
 
     from inference_worker import routes_infer, routes_models, routes_ops
 

@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(__name__).info("starting worker on %s:%d", config.host, config.port)
     from inference_worker import create_app
 
-    serve(lambda: create_app(config), config.host, config.port, config.threads, config.log_level)
+    serve(lambda: create_app(config), config.host, config.port, config.threads, config.log_level,
+          config.request_timeout_s)
     return 0
 
 

@@ -6,10 +6,10 @@ import argparse
 import os
 import tempfile
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from model_swap.cli import add_setting, add_switch, settings_parser
 from model_swap.config import ConfigError, parse_number, parse_optional_number
 
 GIB = 1 << 30
@@ -20,13 +20,6 @@ AUTO = "auto"
 def usable_cores() -> int:
     """The CPUs this process may run on (its affinity mask, which cgroups and taskset narrow)."""
     return len(os.sched_getaffinity(0))
-
-
-def package_version() -> str:
-    try:
-        return metadata.version("model-swap")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 @dataclass(frozen=True)
@@ -49,6 +42,7 @@ class WorkerConfig:
     reserve_disk_bytes: int = 256 << 20
     rdma_port: int | None = None
     threads: int = 16
+    request_timeout_s: float = 30.0
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -72,6 +66,8 @@ class WorkerConfig:
             raise ConfigError("reserved disk bytes must not be negative")
         if self.threads < 1:
             raise ConfigError("threads must be at least 1")
+        if self.request_timeout_s <= 0:
+            raise ConfigError(f"REQUEST_TIMEOUT_S must be positive, got {self.request_timeout_s}")
         if self.host not in LOOPBACK_HOSTS and not self.token and not self.allow_insecure:
             raise ConfigError(
                 f"refusing to bind {self.host} without WORKER_TOKEN: anyone could write models; "
@@ -97,44 +93,40 @@ def check_cache_dir(path: Path) -> None:
 def _build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     """Every flag says what it does, its default and its environment variable."""
     d = WorkerConfig
-    parser = argparse.ArgumentParser(
-        prog="inference-worker", description="model-swap inference worker: a disk cache of GGUF files and the "
-        "llama.cpp models resident in memory. A flag wins over its environment variable.")
+    parser = settings_parser("inference-worker", "model-swap inference worker: a disk cache of GGUF files and the "
+                             "llama.cpp models resident in memory.")
 
-    def flag(name: str, var: str | None, default, text: str, **kwargs) -> None:
-        shown = "unset" if default is None else default
-        where = f"; env {var}" if var else ""
-        value = env.get(var, default) if var else default
-        parser.add_argument(name, default=value, help=f"{text} (default: {shown}{where})", **kwargs)
+    def flag(name: str, var: str, default, text: str, **kwargs) -> None:
+        add_setting(parser, env, name, var, default, text, **kwargs)
 
     cores = usable_cores()
-    flag("--cache-dir", "MODEL_CACHE_DIR", str(d.cache_dir), "directory of the disk cache; created if missing")
+    flag("--cache-dir", "MODEL_CACHE_DIR", d.cache_dir, "directory of the disk cache; created if missing")
     flag("--host", "WORKER_HOST", d.host, "address to listen on; a non-loopback one needs a token")
-    flag("--port", "WORKER_PORT", str(d.port), "HTTP port")
-    flag("--token", "WORKER_TOKEN", None, "require 'Authorization: Bearer TOKEN' on every endpoint but /health")
-    parser.add_argument("--insecure-no-token", action="store_true",
-                        default=env.get("WORKER_INSECURE_NO_TOKEN") == "1",
-                        help="allow a non-loopback bind without a token (default: off; env WORKER_INSECURE_NO_TOKEN=1)")
-    flag("--n-gpu-layers", "N_GPU_LAYERS", str(d.n_gpu_layers),
-         "layers to offload to a GPU (-1: all; a CPU build ignores it)")
-    flag("--n-ctx", "N_CTX", str(d.n_ctx), "context length in tokens of every loaded model")
-    flag("--n-threads", "N_THREADS", str(cores),
+    flag("--port", "WORKER_PORT", d.port, "HTTP port")
+    add_setting(parser, env, "--token", "WORKER_TOKEN", None,
+                "require 'Authorization: Bearer TOKEN' on every endpoint but /health", secret=True)
+    add_switch(parser, env, "--insecure-no-token", "WORKER_INSECURE_NO_TOKEN",
+               "allow a non-loopback bind without a token")
+    flag("--n-gpu-layers", "N_GPU_LAYERS", d.n_gpu_layers, "layers to offload to a GPU (-1: all; a CPU build ignores it)")
+    flag("--n-ctx", "N_CTX", d.n_ctx, "context length in tokens of every loaded model")
+    flag("--n-threads", "N_THREADS", cores,
          "llama.cpp threads per generation; the default is every core this process may use")
-    flag("--n-threads-batch", "N_THREADS_BATCH", str(cores),
+    flag("--n-threads-batch", "N_THREADS_BATCH", cores,
          "llama.cpp threads for prompt processing; the default is every core this process may use")
     flag("--memory-budget-bytes", "MEMORY_BUDGET_BYTES", AUTO,
          "bytes the resident models may take; auto: 80%% of the memory available at start (MemAvailable or the "
          "cgroup's room, the lower), or a GPU's free memory less 10%% with a GPU build and nvidia-ml-py")
-    flag("--max-loaded-models", "MAX_LOADED_MODELS", str(d.max_loaded_models), "most models resident at once")
-    flag("--unload-drain-timeout-s", "UNLOAD_DRAIN_TIMEOUT_S", str(d.unload_drain_timeout_s),
+    flag("--max-loaded-models", "MAX_LOADED_MODELS", d.max_loaded_models, "most models resident at once")
+    flag("--unload-drain-timeout-s", "UNLOAD_DRAIN_TIMEOUT_S", d.unload_drain_timeout_s,
          "seconds an unload waits for a model's generations before answering 409 model_busy")
-    flag("--max-model-bytes", "MAX_MODEL_BYTES", str(d.max_model_bytes), "largest model body accepted (413 above)")
-    flag("--reserve-disk-bytes", "RESERVE_DISK_BYTES", str(d.reserve_disk_bytes),
+    flag("--max-model-bytes", "MAX_MODEL_BYTES", d.max_model_bytes, "largest model body accepted (413 above)")
+    flag("--reserve-disk-bytes", "RESERVE_DISK_BYTES", d.reserve_disk_bytes,
          "free disk kept; a body that would eat into it gets 507")
     flag("--rdma-port", "WORKER_RDMA_PORT", None, "start the RDMA listener on this port (needs pyverbs and a device)")
-    flag("--threads", "WORKER_THREADS", str(d.threads), "HTTP request threads")
+    flag("--threads", "WORKER_THREADS", d.threads, "HTTP request threads")
+    flag("--request-timeout-s", "REQUEST_TIMEOUT_S", d.request_timeout_s,
+         "seconds a client may take to send its request, or stall reading a response")
     flag("--log-level", "LOG_LEVEL", d.log_level, "DEBUG, INFO, WARNING or ERROR")
-    parser.add_argument("--version", action="version", version=f"inference-worker (model-swap) {package_version()}")
     return parser
 
 
@@ -161,5 +153,6 @@ def load_worker_config(argv: Sequence[str] | None = None, env: Mapping[str, str]
         reserve_disk_bytes=parse_number(args.reserve_disk_bytes, "RESERVE_DISK_BYTES"),
         rdma_port=parse_optional_number(args.rdma_port, "WORKER_RDMA_PORT"),
         threads=parse_number(args.threads, "threads"),
+        request_timeout_s=parse_number(args.request_timeout_s, "REQUEST_TIMEOUT_S", float),
         log_level=args.log_level,
     )

@@ -126,16 +126,17 @@ class Generation:
 
     def stream(self, request: GenerationRequest) -> Iterator[Piece]:
         """Yield text pieces as llama.cpp produces them; finish_reason is set when it ends."""
-        kwargs: dict = {"max_tokens": request.max_tokens, "stream": True,
-                        **completion_kwargs(request, self._logits_kept)}
-        if request.temperature is not None:
-            kwargs["temperature"] = request.temperature
+        kwargs = {"stream": True, **request.sampling_kwargs(), **completion_kwargs(request, self._logits_kept)}
         if request.messages is not None:
             if self._chat_tokens is None:
                 self.check_messages(request.messages)
             # The chat is rendered here rather than by create_chat_completion, so its prompt is
             # counted and checked like a completion's and the template is the one chosen at load.
-            chunks = self._llm.create_completion(self._chat_tokens, stop=list(self.chat.stop), **kwargs)
+            # The template's turn markers and the request's own stop strings, each once.
+            stop = list(dict.fromkeys((*self.chat.stop, *request.stop)))
+            if stop:
+                kwargs["stop"] = stop
+            chunks = self._llm.create_completion(self._chat_tokens, **kwargs)
         else:
             chunks = self._llm.create_completion(request.prompt, **kwargs)
         try:

@@ -212,14 +212,16 @@ class ModelCache:
     def touch(self, name: str) -> None:
         """Record that a model was just used, in memory and as the file's atime (survives a restart)."""
         now = time.time()
-        with self._lock:
-            self._last_used[name] = now
         path = self.root / name
-        try:
-            # mtime is left alone: digests are memoised on it.
-            os.utime(path, ns=(int(now * 1e9), path.stat().st_mtime_ns))
-        except FileNotFoundError:
-            pass
+        with self._lock:  # no file is published under this name between the stat and the retime
+            self._last_used[name] = now
+            try:
+                before = path.stat()
+                os.utime(path, ns=(int(now * 1e9), before.st_mtime_ns))
+                # utime moves ctime, which the digest memo watches: our own touch must not force a re-hash.
+                self._digests.retime(path, before)
+            except FileNotFoundError:
+                pass
 
     def list(self) -> list[CachedModel]:
         """Every cached model with size, digest and last use, oldest use first."""

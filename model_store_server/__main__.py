@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("starting store on %s:%d (policy=%s)", config.host, config.port, config.cache_policy)
     from model_store_server import create_app
 
-    serve(lambda: create_app(config), config.host, config.port, config.threads, config.log_level)
+    serve(lambda: create_app(config), config.host, config.port, config.threads, config.log_level,
+          config.request_timeout_s)
     return 0
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from model_store_server.models_config import ModelsConfig, load_models_config
-from model_swap.config import ConfigError, parse_number, parse_optional_number
+from model_swap.cli import add_setting, add_switch, settings_parser
+from model_swap.config import LOOPBACK_HOSTS, ConfigError, parse_number, parse_optional_number
 
 POLICIES = ("lru", "no-evict", "ttl", "lru-ttl")
 TRANSPORTS = ("http", "rdma")
@@ -30,10 +31,13 @@ class StoreConfig:
     worker_rdma_host: str = "localhost"
     worker_rdma_port: int = 8081
     worker_token: str | None = None
+    api_key: str | None = None
+    allow_insecure: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
     threads: int = 32
     worker_timeout_s: float = 600.0
+    request_timeout_s: float = 30.0
     reconcile_on_start: bool = True
     log_level: str = "INFO"
     models_config: ModelsConfig = ModelsConfig()
@@ -56,31 +60,58 @@ class StoreConfig:
             raise ConfigError(f"WORKER_URL must start with http:// or https://, got {self.worker_url!r}")
         if self.threads < 1:
             raise ConfigError("threads must be at least 1")
+        if self.request_timeout_s <= 0:
+            raise ConfigError(f"REQUEST_TIMEOUT_S must be positive, got {self.request_timeout_s}")
+        if self.host not in LOOPBACK_HOSTS and not self.api_key and not self.allow_insecure:
+            raise ConfigError(
+                f"refusing to bind {self.host} without STORE_API_KEY: anyone could use and reset the store; "
+                "set a key or pass --insecure-no-token"
+            )
+
+
+def store_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    """The store's command line; each flag falls back to its environment variable, then its default."""
+    d = StoreConfig
+    p = settings_parser("model-store-server", "model-swap model store server: owns the GGUF files, decides "
+                        "which live on the inference worker, and forwards requests to it")
+    add_setting(p, env, "--models-dir", "MODELS_DIR", d.models_dir, "directory of the .gguf files to serve")
+    add_setting(p, env, "--worker-url", "WORKER_URL", d.worker_url, "base URL of the inference worker")
+    add_setting(p, env, "--cache-policy", "CACHE_POLICY", d.cache_policy,
+                f"which models stay on the worker: {', '.join(POLICIES)}")
+    add_setting(p, env, "--max-cache-size", "MAX_CACHE_SIZE", d.max_cache_size,
+                "most models in the worker's disk cache (lru, no-evict, lru-ttl)")
+    add_setting(p, env, "--max-cache-bytes", "MAX_CACHE_BYTES", d.max_cache_bytes,
+                "optional bound in bytes on the worker's disk cache")
+    add_setting(p, env, "--ttl-seconds", "TTL_SECONDS", d.ttl_seconds,
+                "seconds an untouched model stays cached (ttl, lru-ttl)")
+    add_setting(p, env, "--transport", "TRANSPORT", d.transport, "how model bytes reach the worker: http or rdma")
+    add_setting(p, env, "--allow-fallback", "ALLOW_FALLBACK", "0",
+                "1: retry a failed rdma send over http", choices=["0", "1"])
+    add_setting(p, env, "--worker-rdma-host", "WORKER_RDMA_HOST", d.worker_rdma_host,
+                "host of the worker's RDMA listener")
+    add_setting(p, env, "--worker-rdma-port", "WORKER_RDMA_PORT", d.worker_rdma_port,
+                "port of the worker's RDMA listener")
+    add_setting(p, env, "--worker-token", "WORKER_TOKEN", d.worker_token,
+                "bearer token the store sends to the worker", secret=True)
+    add_setting(p, env, "--api-key", "STORE_API_KEY", d.api_key,
+                "bearer token clients must send on every endpoint but /health", secret=True)
+    add_switch(p, env, "--insecure-no-token", "STORE_INSECURE_NO_TOKEN",
+               "allow a non-loopback bind without STORE_API_KEY")
+    add_setting(p, env, "--host", "STORE_HOST", d.host, "address to listen on")
+    add_setting(p, env, "--port", "STORE_PORT", d.port, "port to listen on")
+    add_setting(p, env, "--threads", "STORE_THREADS", d.threads, "request threads")
+    add_setting(p, env, "--request-timeout-s", "REQUEST_TIMEOUT_S", d.request_timeout_s,
+                "seconds a client may take to send its request, or stall reading a response, before it is cut off")
+    add_setting(p, env, "--models-config", "MODELS_CONFIG", None,
+                "TOML file with model aliases and per-model settings")
+    add_setting(p, env, "--log-level", "LOG_LEVEL", d.log_level, "DEBUG, INFO, WARNING or ERROR")
+    return p
 
 
 def load_store_config(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> StoreConfig:
     """Build the config: CLI flags win over environment variables, which win over defaults."""
     env = os.environ if env is None else env
-    d = StoreConfig
-    p = argparse.ArgumentParser(prog="model-store-server", description="model-swap model store server")
-    p.add_argument("--models-dir", default=env.get("MODELS_DIR", str(d.models_dir)))
-    p.add_argument("--worker-url", default=env.get("WORKER_URL", d.worker_url))
-    p.add_argument("--max-cache-size", default=env.get("MAX_CACHE_SIZE", str(d.max_cache_size)))
-    p.add_argument("--max-cache-bytes", default=env.get("MAX_CACHE_BYTES"))
-    p.add_argument("--ttl-seconds", default=env.get("TTL_SECONDS", str(d.ttl_seconds)))
-    p.add_argument("--cache-policy", default=env.get("CACHE_POLICY", d.cache_policy), help=", ".join(POLICIES))
-    p.add_argument("--transport", default=env.get("TRANSPORT", d.transport), help="http or rdma")
-    p.add_argument("--allow-fallback", default=env.get("ALLOW_FALLBACK", "0"), choices=["0", "1"])
-    p.add_argument("--worker-rdma-host", default=env.get("WORKER_RDMA_HOST", d.worker_rdma_host))
-    p.add_argument("--worker-rdma-port", default=env.get("WORKER_RDMA_PORT", str(d.worker_rdma_port)))
-    p.add_argument("--worker-token", default=env.get("WORKER_TOKEN") or None)
-    p.add_argument("--host", default=env.get("STORE_HOST", d.host))
-    p.add_argument("--port", default=env.get("STORE_PORT", str(d.port)))
-    p.add_argument("--threads", default=env.get("STORE_THREADS", str(d.threads)))
-    p.add_argument("--log-level", default=env.get("LOG_LEVEL", d.log_level))
-    p.add_argument("--models-config", default=env.get("MODELS_CONFIG"),
-                   help="TOML file with model aliases and per-model settings (env MODELS_CONFIG; default: none)")
-    a = p.parse_args(argv)
+    a = store_parser(env).parse_args(argv)
     return StoreConfig(
         models_dir=Path(a.models_dir),
         worker_url=a.worker_url.rstrip("/"),
@@ -92,10 +123,13 @@ def load_store_config(argv: Sequence[str] | None = None, env: Mapping[str, str] 
         allow_fallback=a.allow_fallback == "1",
         worker_rdma_host=a.worker_rdma_host,
         worker_rdma_port=parse_number(a.worker_rdma_port, "WORKER_RDMA_PORT"),
-        worker_token=a.worker_token,
+        worker_token=a.worker_token or None,
+        api_key=a.api_key or None,
+        allow_insecure=a.insecure_no_token,
         host=a.host,
         port=parse_number(a.port, "port"),
         threads=parse_number(a.threads, "threads"),
+        request_timeout_s=parse_number(a.request_timeout_s, "REQUEST_TIMEOUT_S", float),
         log_level=a.log_level,
         models_config=load_models_config(a.models_config),
     )

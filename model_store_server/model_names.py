@@ -12,6 +12,7 @@ from model_swap.errors import ApiError
 from model_swap.names import check_model_name, check_requested_name
 
 MAX_LISTED = 20
+MAX_CLOSEST = 3
 OLLAMA_DEFAULT_TAG = ":latest"
 
 
@@ -43,11 +44,15 @@ class ModelNames:
         return entry.names if entry else ()
 
     def resolve(self, typed: object) -> str:
-        """The file a typed name means; 400 invalid_model_name, 400 ambiguous_model_name or 404 model_not_found."""
-        name = check_requested_name(typed)
+        """The file a typed name means; 400 invalid_model_name, 400 ambiguous_model_name or 404 model_not_found,
+        each naming the available models and the closest ones."""
+        files = self.files()
+        try:
+            name = check_requested_name(typed)
+        except ApiError as err:
+            raise self._with_suggestions(err, typed if isinstance(typed, str) else "", files) from None
         if name.lower().endswith(OLLAMA_DEFAULT_TAG):  # Ollama clients add the default tag themselves
             name = name[: -len(OLLAMA_DEFAULT_TAG)]
-        files = self.files()
         if name in files:
             return name
         lowered = name.lower()
@@ -61,31 +66,35 @@ class ModelNames:
             raise ApiError(400, "ambiguous_model_name",
                            f"{typed!r} matches {', '.join(matches)}; give the exact file name", param="model",
                            details={"matches": matches})
-        raise self._not_found(name, files)
+        raise self._with_suggestions(ApiError(404, "model_not_found", f"model {name!r} not found", param="model"),
+                                     name, files)
 
-    def _not_found(self, name: str, files: list[str]) -> ApiError:
+    def _with_suggestions(self, err: ApiError, name: str, files: list[str]) -> ApiError:
+        """`err` with the available names and the closest ones, in its message and as details for scripts."""
         listed = [f + (f" ({', '.join(self.aliases(f))})" if self.aliases(f) else "") for f in files]
         more = f", and {len(listed) - MAX_LISTED} more" if len(listed) > MAX_LISTED else ""
         available = ", ".join(listed[:MAX_LISTED]) + more if listed else "none (MODELS_DIR has no .gguf files)"
         closest = self.closest(name, files)
-        hint = f"; closest: {closest!r}" if closest else ""
-        return ApiError(404, "model_not_found", f"model {name!r} not found{hint}; available: {available}",
+        hint = f"; did you mean {' or '.join(closest)}?" if closest else ""
+        return ApiError(err.status, err.code, f"{err.message}{hint} (available: {available})", err.headers,
                         param="model", details={"available": [n for f in files for n in (f, *self.aliases(f))],
                                                 "closest": closest})
 
-    def closest(self, name: str, files: list[str]) -> str | None:
-        """The name most like `name`: a unique prefix match, else the nearest spelling."""
+    def closest(self, name: str, files: list[str]) -> list[str]:
+        """Up to MAX_CLOSEST names most like `name`, best first: prefix matches, names containing it, near
+        spellings; each file is suggested by its config name if it has one, else by its file name."""
+        lowered, stem = name.lower(), _stem(name.lower())
+        if not stem:
+            return []
         typed_as: dict[str, str] = {}  # every lower-cased name -> the name to suggest for its file
         for file in files:
-            suggestion = (self.aliases(file) or (_stem(file),))[0]
+            suggestion = (self.aliases(file) or (file,))[0]
             for candidate in (file, _stem(file), *self.aliases(file)):
-                typed_as[candidate.lower()] = suggestion
-        lowered = name.lower()
-        by_prefix = {s for c, s in typed_as.items() if c.startswith(lowered)}
-        if len(by_prefix) == 1:
-            return by_prefix.pop()
-        near = difflib.get_close_matches(lowered, list(typed_as), n=1, cutoff=0.6)
-        return typed_as[near[0]] if near else None
+                typed_as.setdefault(candidate.lower(), suggestion)
+        ranked = [s for c, s in typed_as.items() if c.startswith(lowered)]
+        ranked += [s for c, s in typed_as.items() if stem in c]
+        ranked += [typed_as[c] for c in difflib.get_close_matches(lowered, list(typed_as), n=MAX_CLOSEST, cutoff=0.6)]
+        return list(dict.fromkeys(ranked))[:MAX_CLOSEST]
 
 
 def model_names() -> ModelNames:

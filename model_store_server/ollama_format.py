@@ -9,12 +9,12 @@ from datetime import datetime, timezone
 from model_store_server import openai_format
 from model_swap.errors import ApiError
 
-# Ollama options the store applies, and the request field each becomes.
-APPLIED_OPTIONS = {"num_predict": "max_tokens", "temperature": "temperature"}
+# Ollama options the store applies, and the request field (GenerationRequest's) each becomes.
+APPLIED_OPTIONS = {"num_predict": "max_tokens", "temperature": "temperature", "top_p": "top_p", "seed": "seed",
+                   "stop": "stop", "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
 # Sampling options llama.cpp has but the worker does not apply yet: refused, not ignored.
-SAMPLING_OPTIONS = ("top_p", "seed", "stop", "presence_penalty", "frequency_penalty", "top_k", "min_p", "typical_p",
-                    "repeat_penalty", "repeat_last_n", "tfs_z", "mirostat", "mirostat_tau", "mirostat_eta",
-                    "penalize_newline", "num_keep")
+SAMPLING_OPTIONS = ("top_k", "min_p", "typical_p", "repeat_penalty", "repeat_last_n", "tfs_z", "mirostat",
+                    "mirostat_tau", "mirostat_eta", "penalize_newline", "num_keep")
 # Options that say how to load a model: per-model settings in the models config instead.
 LOAD_OPTIONS = ("num_ctx", "num_gpu", "num_batch", "num_thread", "main_gpu", "low_vram", "use_mmap", "use_mlock",
                 "numa", "logits_all", "vocab_only", "embedding_only", "f16_kv")

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from model_swap.errors import ApiError
+from model_swap.web import GENERATION_FIELDS, refuse_unknown
 
-# Parameters that would change the answer's meaning: refused unless given their neutral value.
-NEUTRAL = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None,), "stop": (None, [], ""),
-           "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []),
-           "function_call": (None, "none")}
+# Parameters model-swap cannot apply: accepted only with the value that asks for nothing.
+NEUTRAL = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None,), "tools": (None, []),
+           "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none")}
+# Applied (GENERATION_FIELDS go to llama.cpp; the output options through internal_body), or metadata
+# with no effect on the answer ("user"); anything else is refused.
+ACCEPTED = GENERATION_FIELDS | {"model", "stream", "stream_options", "user", "logprobs", "top_logprobs",
+                                "response_format"} | set(NEUTRAL)
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound for /v1/completions; chat allows top_logprobs up to 20
 
 
 def refuse_unsupported(body: dict) -> None:
-    """400 unsupported_parameter for a parameter model-swap cannot honour."""
+    """400 unsupported_parameter for a parameter model-swap cannot honour (unknown, or not neutral)."""
+    refuse_unknown(body, ACCEPTED)
     for key, neutral in NEUTRAL.items():
         if body.get(key) not in neutral:
             raise ApiError(400, "unsupported_parameter", f"{key}={body.get(key)!r} is not supported by model-swap",

@@ -44,12 +44,14 @@ def models():
     swapper = _swapper()
     config = current_app.extensions["store"]["config"]
     try:
-        worker = swapper.worker.state()
+        worker = swapper.worker_state()
         worker_view = {"reachable": True, "loaded": list(worker.loaded), "cached": [c["name"] for c in worker.cached]}
     except ApiError:
         worker_view = {"reachable": False, "loaded": [], "cached": []}
+    usable, unusable = swapper.catalog.scan()
     return jsonify({
-        "models": [m.to_json() for m in swapper.catalog.list()],
+        "models": [m.to_json() for m in usable],
+        "unusable": [u.to_json() for u in unusable],
         "policy": {"name": config.cache_policy, "cached": swapper.cached(), "loaded": swapper.loaded(),
                    "max_cache_size": config.max_cache_size, "max_cache_bytes": config.max_cache_bytes,
                    "ttl_seconds": config.ttl_seconds},
@@ -60,9 +62,8 @@ def models():
 
 @bp.get("/health")
 def health():
-    """Liveness of the store, and whether the worker answers."""
-    worker_ok = _swapper().worker.health()
-    return jsonify({"status": "ok", "worker": "ok" if worker_ok else "unreachable"})
+    """Liveness of the store, and whether the worker answers an authenticated call."""
+    return jsonify({"status": "ok", "worker": _swapper().worker_status()})
 
 
 @bp.get("/metrics")

@@ -14,10 +14,10 @@ import time
 from datetime import datetime, timezone
 from typing import Iterator
 
-from flask import Blueprint, Response, current_app, jsonify, request
+from flask import Blueprint, Response, current_app, jsonify
 
 from model_store_server import ollama_format as fmt
-from model_store_server.forwarding import Forward, cache_headers, start_generation
+from model_store_server.forwarding import Forward, start_generation, take_lease
 from model_store_server.gguf_info import read_metadata
 from model_store_server.model_names import model_names
 from model_store_server.worker_events import collect, events, worker_headers
@@ -153,9 +153,7 @@ def _generate(chat: bool):
     generation = parse_generation(names.config.apply_sampling_defaults(model, fields), chat="messages" in fields)
     # Passed on for the store's core, which decides how long a model stays (keep-alive).
     generation = dataclasses.replace(generation, keep_alive_s=keep_alive)
-    store = current_app.extensions["store"]
-    endpoint = "/api/chat" if chat else "/api/generate"
-    forward = start_generation(store["swapper"], store["config"].cache_policy, endpoint, model, generation, "ndjson")
+    forward = start_generation(current_app.extensions["store"]["swapper"], model, generation, "ndjson")
     name = body.get("model")
 
     def piece(text: str) -> dict:
@@ -201,11 +199,11 @@ def _load_only(model: str, keep_alive: float | None):
         raise ApiError(400, "unsupported_parameter", "unloading on request (keep_alive: 0) is not supported; the "
                                                      "store's cache policy decides what stays", param="keep_alive")
     started = time.perf_counter()
-    lease = current_app.extensions["store"]["swapper"].lease(model)
+    lease = take_lease(current_app.extensions["store"]["swapper"], model)
     lease.release()
     response = jsonify({"model": model, "created_at": fmt.now_rfc3339(), "response": "", "done": True,
                         "done_reason": "load", "total_duration": int((time.perf_counter() - started) * 1e9)})
-    response.headers.update(cache_headers(lease.outcome))
+    response.headers.update(lease.outcome.headers())
     return response
 
 

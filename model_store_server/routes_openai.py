@@ -2,7 +2,9 @@
 
 The same swap path as /user_request (the cache headers are set here too); the worker streams
 ndjson events, which become server-sent events (`data: {json}` ... `data: [DONE]`) or one JSON
-body. Tool calls, n > 1 and the like are refused rather than ignored.
+body. Sampling parameters llama.cpp has (seed, top_p, stop, penalties, max_completion_tokens),
+logprobs and response_format are applied; tool calls, n > 1, logit_bias and anything unknown are
+refused (openai_format.NEUTRAL), never ignored.
 """
 
 from __future__ import annotations
@@ -57,9 +59,7 @@ def _generate(chat: bool):
     if not isinstance(stream, bool):
         raise ApiError(400, "invalid_request", "stream must be true or false", param="stream")
     with_usage = fmt.include_usage(body)
-    store = current_app.extensions["store"]
-    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
-    forward = start_generation(store["swapper"], store["config"].cache_policy, endpoint, model, request, "ndjson")
+    forward = start_generation(current_app.extensions["store"]["swapper"], model, request, "ndjson")
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     base = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model}
@@ -105,13 +105,13 @@ def _generate(chat: bool):
 
 @bp.post("/completions")
 def completions():
-    """OpenAI completions: {"model", "prompt", "max_tokens", "temperature", "logprobs", "stream", ...}."""
+    """OpenAI completions: {"model", "prompt", "stream", "logprobs", ...} and the sampling fields."""
     return _generate(chat=False)
 
 
 @bp.post("/chat/completions")
 def chat_completions():
-    """OpenAI chat completions: {"model", "messages", "max_tokens", "temperature", "logprobs", "stream", ...}."""
+    """OpenAI chat completions: {"model", "messages", "stream", "logprobs", ...} and the sampling fields."""
     return _generate(chat=True)
 
 

@@ -10,34 +10,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from model_store_server.catalog import Catalog, StoredModel
 from model_store_server.metrics import StoreMetrics
+from model_store_server.outcome import Lease, Outcome, SwapFailed
 from model_store_server.policy import CacheFull, CachePolicy, TooLargeForCache
 from model_store_server.scheduler import Scheduler
 from model_store_server.transport import Transport
-from model_store_server.worker_client import WorkerClient
+from model_store_server.worker_client import WorkerClient, WorkerState
 from model_swap.errors import ApiError
 from model_swap.names import check_model_name
-from model_swap.once import Once
 
 log = logging.getLogger(__name__)
 # Worker errors after which the store's view of the worker may be wrong.
 STALE_CODES = frozenset({"worker_unavailable", "worker_error", "model_not_loaded", "load_failed"})
-
-
-@dataclass
-class Outcome:
-    """What one request caused on the worker."""
-
-    action: str
-    evicted: tuple[str, ...] = ()
-    decision_ms: float = 0.0
-    worker_ms: float = 0.0
-    transport: str = ""
-    cached: list[str] = field(default_factory=list)
 
 
 def _valid_entries(entries: list[dict], context: str) -> Iterator[dict]:
@@ -49,14 +36,6 @@ def _valid_entries(entries: list[dict], context: str) -> Iterator[dict]:
             log.warning("[%s] ignoring a worker entry with an invalid name: %r", context, entry.get("name"))
             continue
         yield entry
-
-
-class Lease:
-    """A request's hold on the loaded model; release() when its stream ends (idempotent)."""
-
-    def __init__(self, outcome: Outcome, on_release: Callable[[], None]):
-        self.outcome = outcome
-        self.release = Once(on_release)
 
 
 class Swapper:
@@ -74,6 +53,8 @@ class Swapper:
         self._loaded: str | None = None
         self._admitted_sha: dict[str, str] = {}  # digest of the copy each cached model has on the worker
         self._stale = True  # the worker's state must be read before the next change
+        self._boot_id: str | None = None  # the worker process our belief is about
+        self.last_reconciled = Outcome("reconciled")  # what the last reconciliation kept and deleted
 
     def cached(self) -> list[str]:
         with self._policy_lock:
@@ -91,8 +72,13 @@ class Swapper:
         """Wait for the turn of a request for `name` and make sure the worker has it loaded."""
         model = self.catalog.get(name)  # a 404 needs no turn
         if self.scheduler.acquire(name):
+            outcome = Outcome()
             try:
-                outcome = self._ensure_loaded(model)
+                self._ensure_loaded(model, outcome)
+            except ApiError as err:
+                self.scheduler.release_exclusive()
+                outcome.cached = self.cached()
+                raise SwapFailed(err, outcome) from err
             except BaseException:
                 self.scheduler.release_exclusive()
                 raise
@@ -118,6 +104,39 @@ class Swapper:
         finally:
             self.scheduler.release_shared()
 
+    def worker_state(self) -> WorkerState:
+        """The worker's own listing (noting a restart, if its boot id changed)."""
+        state = self.worker.state()
+        self._note_boot(state.boot_id)
+        return state
+
+    def worker_status(self) -> str:
+        """ok, unauthorized, unreachable or error (noting a restart, if its boot id changed)."""
+        status, state = self.worker.status()
+        if state is not None:
+            self._note_boot(state.boot_id)
+        return status
+
+    def _note_boot(self, boot_id: str | None) -> None:
+        """Compare the worker's boot id with the one our belief is about; a new one voids the belief."""
+        if boot_id is None:
+            return
+        if self._boot_id is not None and boot_id != self._boot_id:
+            log.warning("[reconcile] the worker restarted (boot id %s, was %s); reading its state again",
+                        boot_id[:8], self._boot_id[:8])
+            self.worker_lost_model()
+        self._boot_id = boot_id
+
+    def _check_worker_boot(self, model: StoredModel | None) -> None:
+        """Before deciding anything, make sure the worker is the process our belief is about.
+
+        Skipped for a hit on the loaded model: if the worker restarted, its 409 says so.
+        """
+        if self._stale or (model is not None and self._loaded == model.name
+                           and self._admitted_sha.get(model.name) == model.sha256):
+            return
+        self._note_boot(self.worker.boot_id())
+
     def mark_stale(self) -> None:
         """The worker may have changed behind our back (restart, lost connection)."""
         self._stale = True
@@ -129,74 +148,97 @@ class Swapper:
         self._stale = True
         self.scheduler.close_share()
 
-    def _ensure_loaded(self, model: StoredModel) -> Outcome:
+    def _ensure_loaded(self, model: StoredModel, outcome: Outcome) -> None:
         try:
+            self._check_worker_boot(model)
             if self._stale:
                 self._reconcile()
-            return self._bring(model, load=True)
+            self._bring(model, True, outcome)
         except ApiError as err:
             if err.code in STALE_CODES:
                 self._stale = True
             raise
 
-    def _bring(self, model: StoredModel, load: bool) -> Outcome:
-        """Hit, local load, or admission + transfer (+ load); the caller holds exclusive access."""
+    def _bring(self, model: StoredModel, load: bool, outcome: Outcome) -> Outcome:
+        """Hit, local load, or admission + transfer (+ load), recorded in `outcome` as it goes.
+
+        The caller holds exclusive access. If a step fails, `outcome` says what happened up to it.
+        """
         name = model.name
         started = time.perf_counter()
         with self._policy_lock:
             hit = self.policy.touch(name)
-        decision_ms = (time.perf_counter() - started) * 1000
+        outcome.decision_ms += (time.perf_counter() - started) * 1000
         if hit and self._admitted_sha.get(name) != model.sha256:
             # The store's file changed since the worker got its copy: the copy is stale.
             log.info("[swap] %s changed in the store since it was sent; replacing the worker's copy", name)
             self._forget_on_worker(name)
             hit = False
         if hit and (self._loaded == name or not load):
-            return Outcome("already_loaded" if load else "already_cached", decision_ms=decision_ms)
+            outcome.action = "already_loaded" if load else "already_cached"
+            return outcome
         if hit:
+            outcome.action = "load_from_local_store"
             worker_started = time.perf_counter()
             try:
                 self._load(name)
-                return Outcome("load_from_local_store", decision_ms=decision_ms,
-                               worker_ms=(time.perf_counter() - worker_started) * 1000)
+                return outcome
             except ApiError as err:
+                if err.code == "load_failed":  # a file the worker cannot load must not keep a slot
+                    self._forget_on_worker(name)
                 if err.code != "model_not_cached":
                     raise
                 log.warning("[swap] %s vanished from the worker's disk; sending it again", name)
                 with self._policy_lock:
                     self.policy.discard(name)
-        return self._admit_and_send(model, load)
+            finally:
+                outcome.worker_ms += (time.perf_counter() - worker_started) * 1000
+        return self._admit_and_send(model, load, outcome)
 
-    def _admit_and_send(self, model: StoredModel, load: bool) -> Outcome:
+    def _admit_and_send(self, model: StoredModel, load: bool, outcome: Outcome) -> Outcome:
         name = model.name
         started = time.perf_counter()
         with self._policy_lock:
             try:
                 admission = self.policy.admit(name, model.size)
-            except CacheFull as err:
+            except (CacheFull, TooLargeForCache) as err:
+                outcome.action = "rejected"
+                outcome.decision_ms += (time.perf_counter() - started) * 1000
+                if isinstance(err, TooLargeForCache):
+                    raise ApiError(413, "model_too_large", str(err)) from None
                 self.metrics.requests.labels("rejected").inc()
                 raise ApiError(503, "cache_full", f"{name} not admitted: {err}") from None
-            except TooLargeForCache as err:
-                raise ApiError(413, "model_too_large", str(err)) from None
-        decision_ms = (time.perf_counter() - started) * 1000
+        outcome.decision_ms += (time.perf_counter() - started) * 1000
+        outcome.action = "load_from_store" if load else "cached"
         worker_started = time.perf_counter()
+        try:
+            return self._send_and_load(model, load, admission.evicted, outcome)
+        finally:
+            outcome.worker_ms += (time.perf_counter() - worker_started) * 1000
+
+    def _send_and_load(self, model: StoredModel, load: bool, evicted: tuple[str, ...], outcome: Outcome) -> Outcome:
+        """Carry out an admission: evict, then reuse an expired copy or send the bytes, then load."""
+        name = model.name
         # An expired entry comes back as its own victim: its file is still on the worker, so
         # keep it and use it rather than deleting and sending the same bytes again.
-        victims = tuple(v for v in admission.evicted if v != name)
+        victims = tuple(v for v in evicted if v != name)
         try:
-            self._evict(victims)
-            expired_copy = name in admission.evicted and self._admitted_sha.get(name) == model.sha256
-            if name in admission.evicted and not expired_copy:
+            self._evict(victims, outcome)
+            expired_copy = name in evicted and self._admitted_sha.get(name) == model.sha256
+            if name in evicted and not expired_copy:
                 self._evict((name,))  # an expired copy of an older version of the file: replace it
             reused = self._reuse_expired_copy(name, load) if expired_copy else None
             if reused:
-                return Outcome(reused, victims, decision_ms, (time.perf_counter() - worker_started) * 1000)
+                outcome.action = reused
+                return outcome
+            outcome.transport = self.transport.name
             sent = self.transport.send(model)
         except BaseException:
             with self._policy_lock:
                 self.policy.discard(name)
             self._stale = True
             raise
+        outcome.transport = sent.transport
         self._admitted_sha[name] = model.sha256
         self.metrics.bytes_sent.labels(sent.transport).inc(model.size)
         self.metrics.transfer_seconds.labels(sent.transport).observe(sent.seconds)
@@ -209,8 +251,7 @@ class Swapper:
                 if err.code == "load_failed":  # a file the worker cannot load is no use cached
                     self._forget_on_worker(name)
                 raise
-        return Outcome("load_from_store" if load else "cached", victims, decision_ms,
-                       (time.perf_counter() - worker_started) * 1000, sent.transport)
+        return outcome
 
     def _reuse_expired_copy(self, name: str, load: bool) -> str | None:
         """Use the worker's copy of an expired model; return the action, or None if the worker lost it."""
@@ -221,6 +262,8 @@ class Swapper:
         try:
             self._load(name)
         except ApiError as err:
+            if err.code == "load_failed":
+                self._forget_on_worker(name)
             if err.code != "model_not_cached":
                 raise
             return None
@@ -242,10 +285,12 @@ class Swapper:
         self.metrics.load_seconds.observe(seconds)
         log.info("[swap] loaded %s on the worker in %.1fms", name, seconds * 1000)
 
-    def _evict(self, victims: tuple[str, ...]) -> None:
+    def _evict(self, victims: tuple[str, ...], outcome: Outcome | None = None) -> None:
         for victim in victims:
             started = time.perf_counter()
             self.worker.delete(victim)
+            if outcome is not None:
+                outcome.evicted += (victim,)
             self._admitted_sha.pop(victim, None)
             if self._loaded == victim:
                 self._loaded = None
@@ -266,22 +311,27 @@ class Swapper:
     def _reconcile(self) -> None:
         """Adopt the worker's files that match ours (name and sha256); delete the rest there."""
         state = self.worker.state()
-        adopted, removed = [], []
+        self._boot_id = state.boot_id
+        adopted: list[str] = []
+        removed: list[str] = []
         with self._policy_lock:
             self.policy.clear()
         self._admitted_sha.clear()
         for entry in _valid_entries(state.cached, "reconcile"):  # oldest use first: recency survives
             name = entry["name"]
-            ours = self.catalog.get(name) if self.catalog.has(name) else None
-            if ours is None or ours.sha256 != entry.get("sha256"):
-                self._delete_quietly(name, removed)
+            ours, reason = self._our_copy(name, entry.get("sha256"))
+            if ours is None:
+                self._delete_quietly(name, reason, removed)
                 continue
             try:
                 with self._policy_lock:
                     admission = self.policy.admit(name, ours.size)
             except (CacheFull, TooLargeForCache):
-                self._delete_quietly(name, removed)
+                self._delete_quietly(name, f"the {self.policy.name} policy has no room for it", removed)
                 continue
+            for victim in admission.evicted:
+                log.warning("[reconcile] deleting %s on the worker: the %s policy evicts it to keep %s",
+                            victim, self.policy.name, name)
             self._evict(admission.evicted)
             removed.extend(admission.evicted)
             adopted.append(name)
@@ -293,11 +343,25 @@ class Swapper:
         for name in resident[:-1]:  # the store holds one model at a time: keep the latest loaded
             self.worker.unload(name)
         self._stale = False
+        self.last_reconciled = Outcome("reconciled", tuple(removed), cached=adopted)
         log.info("[reconcile] adopted=[%s] removed=[%s] loaded=%s", ", ".join(adopted), ", ".join(removed),
                  self._loaded)
 
-    def _delete_quietly(self, name: str, removed: list[str]) -> None:
-        """Delete a file on the worker; only an unreachable worker stops the caller."""
+    def _our_copy(self, name: str, sha256: str | None) -> tuple[StoredModel | None, str]:
+        """The store's copy of a file the worker has, or None and why the worker's copy must go."""
+        if not self.catalog.has(name):
+            return None, f"not in MODELS_DIR ({self.catalog.root})"
+        try:
+            ours = self.catalog.get(name)
+        except ApiError as err:
+            return None, f"not usable in MODELS_DIR ({err.code})"
+        if ours.sha256 != sha256:
+            return None, "its bytes differ from the copy in MODELS_DIR (sha256)"
+        return ours, ""
+
+    def _delete_quietly(self, name: str, reason: str, removed: list[str]) -> None:
+        """Delete a file on the worker, saying why at WARNING; only an unreachable worker stops the caller."""
+        log.warning("[reconcile] deleting %s on the worker: %s", name, reason)
         try:
             self.worker.delete(name)
             removed.append(name)
@@ -310,6 +374,7 @@ class Swapper:
         """Run an admin action with exclusive access to the worker."""
         self.scheduler.acquire(None)
         try:
+            self._check_worker_boot(None)
             if self._stale:
                 self._reconcile()
             return action()
@@ -323,7 +388,7 @@ class Swapper:
     def prefetch(self, name: str) -> Outcome:
         """Put a model into the worker's cache without loading it."""
         model = self.catalog.get(name)
-        outcome = self.run_exclusive(lambda: self._bring(model, load=False))
+        outcome = self.run_exclusive(lambda: self._bring(model, False, Outcome()))
         outcome.cached = self.cached()
         return outcome
 
@@ -334,8 +399,8 @@ class Swapper:
             self.worker.unload()
             self._loaded = None
             deleted: list[str] = []
-            for entry in _valid_entries(self.worker.state().cached, "reset"):
-                self._delete_quietly(entry["name"], deleted)
+            for entry in _valid_entries(self.worker_state().cached, "reset"):
+                self._delete_quietly(entry["name"], "POST /admin/reset", deleted)
             with self._policy_lock:
                 self.policy.clear()
             self._admitted_sha.clear()
@@ -345,7 +410,8 @@ class Swapper:
 
         return self.run_exclusive(_wipe)
 
-    def reconcile(self) -> None:
-        """Read the worker's state now (at start-up)."""
+    def reconcile(self) -> Outcome:
+        """Read the worker's state now (at start-up); the outcome lists what was deleted, and cached what was kept."""
         self._stale = True
         self.run_exclusive(lambda: Outcome("reconciled"))
+        return self.last_reconciled

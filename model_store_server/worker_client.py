@@ -50,6 +50,7 @@ class WorkerState:
 
     loaded: tuple[str, ...]  # the resident models' names, in load order
     cached: list[dict]
+    boot_id: str | None  # changes when the worker process restarts
     resident: tuple[dict, ...] = ()  # the worker's entry for each of them (n_ctx, memory_bytes, ...)
 
 
@@ -78,13 +79,21 @@ class WorkerClient:
     def state(self) -> WorkerState:
         body = self._call("GET", "/models").json()
         entries = tuple(e for e in body.get("loaded") or [] if isinstance(e, dict) and isinstance(e.get("name"), str))
-        return WorkerState(tuple(e["name"] for e in entries), list(body.get("cached", [])), entries)
+        return WorkerState(tuple(e["name"] for e in entries), list(body.get("cached", [])), body.get("boot_id"),
+                           entries)
 
-    def health(self) -> bool:
+    def boot_id(self) -> str | None:
+        """The worker process's boot id, from its (cheap, unauthenticated) /health."""
+        return self._call("GET", "/health").json().get("boot_id")
+
+    def status(self) -> tuple[str, WorkerState | None]:
+        """"ok", "unauthorized", "unreachable" or "error", through an authenticated call (a wrong token shows)."""
         try:
-            return self._session.get(self.base_url + "/health", timeout=CONNECT_TIMEOUT_S).ok
-        except requests.RequestException:
-            return False
+            return "ok", self.state()
+        except ApiError as err:
+            if err.code in ("unauthorized", "worker_unavailable"):
+                return ("unauthorized" if err.code == "unauthorized" else "unreachable"), None
+            return "error", None
 
     def load_local(self, name: str) -> dict:
         settings = self._settings_for(name).to_json()

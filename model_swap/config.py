@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
 
 class ConfigError(ValueError):
     """A setting is invalid; the message says which and why."""

@@ -1,4 +1,4 @@
-"""File digests, memoised by size and mtime so a big file is hashed once."""
+"""File digests, memoised by the file's identity so a big file is hashed once."""
 
 from __future__ import annotations
 
@@ -20,31 +20,50 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What says a file's bytes may have changed: device, inode, size, mtime and ctime.
+
+    Size and mtime alone miss a same-size rewrite whose mtime was put back (cp -p, rsync -t,
+    a tool that restores times); inode catches a replacement by rename, and ctime, which no
+    user call can set, catches any write or utime since.
+    """
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 class DigestMemo:
-    """sha256 per path, recomputed only when the file's size or mtime changes."""
+    """sha256 per path, recomputed whenever the file's identity (file_identity) changes."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._known: dict[str, tuple[int, int, str]] = {}
+        self._known: dict[str, tuple[tuple[int, ...], str]] = {}
 
     def remember(self, path: Path, sha256: str) -> None:
         """Record a digest computed elsewhere (while receiving, say)."""
-        st = os.stat(path)
+        identity = file_identity(os.stat(path))
         with self._lock:
-            self._known[str(path)] = (st.st_size, st.st_mtime_ns, sha256)
+            self._known[str(path)] = (identity, sha256)
 
     def sha256(self, path: Path) -> str:
         """Return the file's digest, hashing it only if it changed since last time."""
-        st = os.stat(path)
+        identity = file_identity(os.stat(path))
         key = str(path)
         with self._lock:
             known = self._known.get(key)
-        if known and known[:2] == (st.st_size, st.st_mtime_ns):
-            return known[2]
+        if known and known[0] == identity:
+            return known[1]
         value = sha256_file(path)
         with self._lock:
-            self._known[key] = (st.st_size, st.st_mtime_ns, value)
+            self._known[key] = (identity, value)
         return value
+
+    def retime(self, path: Path, before: os.stat_result) -> None:
+        """Keep the digest across a change of times only (our own utime), if nothing else changed first."""
+        after = os.stat(path)
+        key = str(path)
+        with self._lock:
+            known = self._known.get(key)
+            if known and known[0] == file_identity(before):
+                self._known[key] = (file_identity(after), known[1])
 
     def forget(self, path: Path) -> None:
         """Drop a path's digest (the file was deleted)."""

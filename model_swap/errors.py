@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, jsonify
+from gunicorn.http import errors as http_errors
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -49,12 +50,29 @@ class ApiError(Exception):
         return response
 
 
+class ClientTimeout(TimeoutError):
+    """The client sent nothing for REQUEST_TIMEOUT_S while its request body was being read."""
+
+
 def register_error_handlers(app: Flask) -> None:
     """Answer every error, expected or not, with the envelope."""
 
     @app.errorhandler(ApiError)
     def _api_error(err: ApiError):
         return err.to_response()
+
+    @app.errorhandler(ClientTimeout)
+    def _client_timeout(err: ClientTimeout):
+        return ApiError(408, "request_timeout", str(err)).to_response()
+
+    # A body that ends early or breaks the chunked framing surfaces while the view reads it.
+    @app.errorhandler(http_errors.NoMoreData)
+    def _body_cut_off(err: Exception):
+        return ApiError(400, "incomplete_body", "the request body ended early").to_response()
+
+    @app.errorhandler(http_errors.ParseException)
+    def _bad_body(err: Exception):
+        return ApiError(400, "invalid_chunked_body", f"the request body is malformed: {err}").to_response()
 
     @app.errorhandler(HTTPException)
     def _http_error(err: HTTPException):

@@ -19,13 +19,14 @@ MAX_KV = 1 << 16
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_ARRAY_VALUES_KEPT = 64  # longer arrays (vocabularies) are kept as their type and length only
 
-# ggml type id -> (elements per block, bytes per block), as in ggml.c's type traits.
+# ggml type id -> (elements per block, bytes per block), as in ggml.c's type traits (a test compares
+# them with the gguf package's GGML_QUANT_SIZES).
 GGML_TYPE_SIZES: dict[int, tuple[int, int]] = {
     0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34), 9: (32, 40),
     10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210), 15: (256, 292),
     16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18), 21: (256, 110),
     22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8), 28: (1, 8),
-    29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17),
+    29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17), 40: (64, 36), 41: (128, 18),
 }
 
 # GGUF metadata value types -> struct format of a scalar (8 string, 9 array are read apart).

@@ -8,6 +8,8 @@ from typing import Callable, TextIO
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 
+from model_swap.guarded_worker import GuardedThreadWorker
+
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -33,12 +35,18 @@ class _GunicornApp(BaseApplication):
         return self._factory()
 
 
-def serve(factory: Callable[[], Flask], host: str, port: int, threads: int, log_level: str) -> None:
-    """Serve with one gthread worker: model and cache state live in process memory."""
+def serve(factory: Callable[[], Flask], host: str, port: int, threads: int, log_level: str,
+          request_timeout_s: float = 30.0) -> None:
+    """Serve with one guarded gthread worker: model and cache state live in process memory.
+
+    A request must arrive within request_timeout_s, and a client may stall reading a response
+    for no longer than that (see guarded_worker).
+    """
+    worker_class = type("GuardedThreadWorker", (GuardedThreadWorker,), {"request_timeout_s": request_timeout_s})
     options = {
         "bind": f"{host}:{port}",
         "workers": 1,
-        "worker_class": "gthread",
+        "worker_class": worker_class,
         "threads": threads,
         # Streams and uploads can be long; gthread workers heartbeat on their own.
         "timeout": 600,

@@ -16,6 +16,18 @@ ensure_venv() {
   fi
 }
 
+# llama_install_note: say how long installing llama-cpp-python will take: seconds if pip has the
+# wheel it built before in its cache, minutes if it must compile llama.cpp.
+llama_install_note() {
+  local version
+  version=$(grep -o 'llama-cpp-python==[0-9.]*' "$REPO/pyproject.toml" | cut -d= -f3)
+  if "$VENV/bin/python" -m pip cache list "llama_cpp_python-$version-*" 2>/dev/null | grep -q "llama_cpp_python-$version-"; then
+    log "installing; llama-cpp-python $version comes from the wheel in pip's cache (well under a minute)"
+  else
+    log "installing; the first time this compiles llama-cpp-python $version from source (about 7 minutes on 2 cores)"
+  fi
+}
+
 # install_project EXTRAS: pip install -e ".[EXTRAS]"; skipped when nothing changed since last time.
 install_project() {
   local extras="$1" stamp="$VENV/.model-swap-installed-$1"
@@ -24,7 +36,7 @@ install_project() {
     return
   fi
   if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
-    log "installing; the first time this compiles llama-cpp-python from source (about 7 minutes on 2 cores)"
+    llama_install_note
   fi
   # Parallel compile of llama.cpp: the build dominates the first run.
   CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$VENV/bin/python" -m pip install --disable-pip-version-check -q \

@@ -98,9 +98,13 @@ error_code_of() {
     printf '%s' "${body%%\"*}"
 }
 
+# A store started with STORE_API_KEY wants it on every call but /health.
+STORE_AUTH=()
+if [[ -n ${STORE_API_KEY:-} ]]; then STORE_AUTH=(-H "Authorization: Bearer $STORE_API_KEY"); fi
+
 store_models_json() {
     # GET /models of the store (compact JSON, keys sorted by Flask).
-    curl -sS --max-time 30 "$STORE_URL/models"
+    curl -sS --max-time 30 "${STORE_AUTH[@]}" "$STORE_URL/models"
 }
 
 json_names_after() {
@@ -149,7 +153,7 @@ smoke_reset() {
     local status
     echo "=== reset: POST $STORE_URL/admin/reset ==="
     status=$(curl -sS -o "$SMOKE_TMP/reset.json" -w '%{http_code}' -X POST --max-time 60 \
-        "$STORE_URL/admin/reset" 2>"$SMOKE_TMP/reset.err") || true
+        "${STORE_AUTH[@]}" "$STORE_URL/admin/reset" 2>"$SMOKE_TMP/reset.err") || true
     if [[ $status != 200 ]]; then
         cat "$SMOKE_TMP/reset.json" "$SMOKE_TMP/reset.err" 2>/dev/null >&2 || true
         smoke_fail "reset: POST $STORE_URL/admin/reset answered http ${status:-none} (is the store running?)"
@@ -164,7 +168,7 @@ smoke_request() {
         "$(json_escape "$PROMPT")" "$(json_escape "$model")" "$MAX_TOKENS")
     # The body streams to the terminal through tee; the -w line goes to stderr, captured apart.
     local curl_ok=1
-    if ! curl -N -sS --max-time "$CURL_MAX_TIME" -X POST "$STORE_URL/user_request" \
+    if ! curl -N -sS --max-time "$CURL_MAX_TIME" -X POST "$STORE_URL/user_request" "${STORE_AUTH[@]}" \
             -H 'Content-Type: application/json' --data-binary "$body" \
             -D "$SMOKE_TMP/headers" \
             -w '%{stderr}SMOKE_W %{http_code} %{time_connect} %{time_starttransfer} %{time_total} %{size_download}\n' \

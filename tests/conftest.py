@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -51,17 +52,18 @@ class ServiceStarter:
         self.started: list[ServiceProcess] = []
 
     def worker(self, cache_dir: Path | None = None, token: str | None = None, extra: list[str] | None = None,
-               port: int | None = None) -> ServiceProcess:
+               port: int | None = None, env: dict[str, str] | None = None) -> ServiceProcess:
         cache_dir = cache_dir or self.directory / "worker-cache"
         args = ["--cache-dir", str(cache_dir), *(["--token", token] if token else []), *(extra or [])]
-        svc = ServiceProcess("inference_worker", args, self.directory / f"worker-{len(self.started)}.log", port)
+        svc = ServiceProcess("inference_worker", args, self.directory / f"worker-{len(self.started)}.log", port,
+                             env)
         svc.cache_dir = cache_dir
         self.started.append(svc)
         return svc.start()
 
     def store(self, models_dir: Path, worker: ServiceProcess | str, policy: str = "lru", max_cache_size: int = 2,
               ttl_seconds: float | None = None, extra: list[str] | None = None, token: str | None = None,
-              port: int | None = None) -> ServiceProcess:
+              port: int | None = None, env: dict[str, str] | None = None) -> ServiceProcess:
         worker_url = worker if isinstance(worker, str) else worker.url
         args = ["--models-dir", str(models_dir), "--worker-url", worker_url, "--cache-policy", policy,
                 "--max-cache-size", str(max_cache_size), *(extra or [])]
@@ -69,11 +71,15 @@ class ServiceStarter:
             args += ["--ttl-seconds", str(ttl_seconds)]
         if token:
             args += ["--worker-token", token]
-        svc = ServiceProcess("model_store_server", args, self.directory / f"store-{len(self.started)}.log", port)
+        svc = ServiceProcess("model_store_server", args, self.directory / f"store-{len(self.started)}.log", port,
+                             env)
         self.started.append(svc)
         return svc.start()
 
     def stop_all(self) -> None:
+        # Responses a test still holds (in reference cycles) keep their connections open, and a
+        # stopping gunicorn lingers 2 s on each kept-alive one: close them first.
+        gc.collect()
         for svc in reversed(self.started):
             svc.stop()
 

@@ -46,3 +46,25 @@ def test_cli_exits_with_message_on_bad_policy():
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "CACHE_POLICY must be one of" in proc.stderr
+
+
+def test_help_gives_every_flag_a_description_default_and_environment_variable():
+    from model_store_server.config import store_parser
+
+    parser = store_parser(env={})
+    for action in parser._actions:
+        if action.dest in ("help", "version"):
+            continue
+        text = action.help or ""
+        assert "default" in text and "env " in text, (action.option_strings, text)
+    proc = subprocess.run([sys.executable, "-m", "model_store_server", "--help"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and "MODELS_DIR" in proc.stdout and "STORE_API_KEY" in proc.stdout
+
+
+def test_version():
+    from model_swap import __version__
+
+    proc = subprocess.run([sys.executable, "-m", "model_store_server", "--version"],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"model-store-server {__version__}"

@@ -59,14 +59,14 @@ def test_unknown_name_lists_available_and_closest(names):
     with pytest.raises(ApiError) as err:
         names.resolve("gema")
     assert (err.value.status, err.value.code, err.value.param) == (404, "model_not_found", "model")
-    assert err.value.details["closest"] == "gemma"
+    assert err.value.details["closest"][0] == "gemma"  # the config's name, not the file's
     assert {"gemma-3-270m-q4_k_m.gguf", "gemma", "gemma3", "smol", "tiny.gguf"} <= set(err.value.details["available"])
     with pytest.raises(ApiError) as err:
         names.resolve("smo")  # a unique prefix is the closest
-    assert err.value.details["closest"] == "smol"
+    assert err.value.details["closest"] == ["smol"]
     with pytest.raises(ApiError) as err:
         names.resolve("llama3")
-    assert err.value.code == "model_not_found" and err.value.details["closest"] is None
+    assert err.value.code == "model_not_found" and err.value.details["closest"] == []
 
 
 @pytest.mark.parametrize("typed", ["../tiny.gguf", "a/b", ".hidden", "", None, 7, "x" * 201])

@@ -150,7 +150,7 @@ def test_requests_go_through_the_swap_path(store):
 
 def test_errors_in_ollama_shape(store, client):
     r = requests.post(store.url + "/api/chat", json={"model": "alpah", "messages": [{"role": "user", "content": "x"}]})
-    assert r.status_code == 404 and r.json()["code"] == "model_not_found" and r.json()["closest"] == "alpha"
+    assert r.status_code == 404 and r.json()["code"] == "model_not_found" and r.json()["closest"][0] == "alpha"
     assert isinstance(r.json()["error"], str)
     r = requests.post(store.url + "/api/generate", json={"model": "b", "prompt": "x", "keep_alive": "soon"})
     assert r.status_code == 400 and r.json()["code"] == "invalid_request"

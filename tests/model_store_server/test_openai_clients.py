@@ -71,7 +71,7 @@ def test_unknown_name_is_404_with_available_names_and_closest(client):
         # The fields OpenAI clients read, with our code kept.
         assert (err.value.code, err.value.type, err.value.param) == ("model_not_found", "invalid_request_error",
                                                                      "model")
-        assert err.value.body["closest"] == "alpha" and "b.gguf" in err.value.body["available"]
+        assert err.value.body["closest"][0] == "alpha" and "b.gguf" in err.value.body["available"]
 
 
 def test_content_parts_are_joined_and_images_refused(client):
