@@ -136,6 +136,25 @@ def test_generate_is_a_one_turn_chat_unless_raw():
         ollama_format.UNLIMITED_TOKENS
 
 
+def test_ollama_sampling_options_become_the_request_fields():
+    options = {"top_p": 0.5, "seed": 7, "stop": ["\n\n"], "presence_penalty": 1.5, "frequency_penalty": -1,
+               "temperature": 0.2}
+    body = ollama_format.generate_body({"prompt": "x", "raw": True, "options": options})
+    request = parse_generation(body, chat=False)
+    assert (request.top_p, request.seed, request.stop, request.presence_penalty, request.frequency_penalty,
+            request.temperature) == (0.5, 7, ("\n\n",), 1.5, -1, 0.2)
+    assert _code(parse_generation, ollama_format.generate_body({"prompt": "x", "raw": True,
+                                                                 "options": {"top_p": 2}}))[:2] == \
+        (400, "invalid_request")
+
+
+def test_openai_stop_is_applied_and_unknown_fields_refused():
+    openai_format.refuse_unsupported({"model": "a", "prompt": "x", "stop": ["."], "seed": 1, "logprobs": 2})
+    assert _code(openai_format.refuse_unsupported, {"model": "a", "logit_bias": {"1": 2}}) == \
+        (400, "unsupported_parameter", "logit_bias")
+    assert _code(openai_format.refuse_unsupported, {"model": "a", "n": 2}) == (400, "unsupported_parameter", "n")
+
+
 @pytest.mark.parametrize(("body", "code", "param"), [
     ({"prompt": "x", "options": {"top_k": 20}}, "unsupported_parameter", "options.top_k"),
     ({"prompt": "x", "options": {"num_ctx": 4096}}, "unsupported_parameter", "options.num_ctx"),

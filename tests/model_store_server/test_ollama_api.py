@@ -101,6 +101,33 @@ def test_options_are_applied_or_refused(client):
         assert err.value.status_code == 400 and isinstance(err.value.error, str)
 
 
+def test_sampling_options_are_applied(client, store):
+    def generate(**options):
+        return client.generate(model="b", prompt="hello", raw=True, options={"num_predict": 20, **options})
+
+    seeded = generate(temperature=0.9, seed=3).response
+    assert generate(temperature=0.9, seed=3).response == seeded
+    text = generate(temperature=0).response
+    stop = text[8:11]
+    assert generate(temperature=0, stop=[stop]).response == text[: text.index(stop)]
+    assert generate(temperature=0, top_p=1e-9).response == text  # only the likeliest token is left
+    assert generate(temperature=0, presence_penalty=2.0).response != text
+
+
+def test_each_generation_request_logs_one_line(client, store):
+    def lines() -> list[str]:
+        return [line for line in store.log().splitlines() if "[/api/generate]" in line or "[/api/chat]" in line]
+
+    before = len(lines())
+    client.generate(model="b", prompt="hi", options={"num_predict": 1})
+    client.chat(model="b", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 1})
+    with pytest.raises(ollama.ResponseError):
+        client.generate(model="b", prompt="hi", options={"top_k": 10})
+    new = lines()[before:]
+    assert len(new) == 3 and "model=b.gguf" in new[0] and "[/api/chat]" in new[1]
+    assert "error=unsupported_parameter" in new[2]  # Ollama's {"error": "..."} shape still yields the code
+
+
 def test_format_json(client):
     answer = client.chat(model="b", messages=[{"role": "user", "content": "JSON please"}], format="json",
                          options={"num_predict": 64, "temperature": 0})
