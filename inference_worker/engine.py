@@ -6,6 +6,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
+from inference_worker.chat_templates import ChatTemplate
+from inference_worker.output_options import completion_kwargs, piece_logprobs
 from model_swap.errors import ApiError
 from model_swap.once import Once
 from model_swap.web import GenerationRequest
@@ -54,13 +56,15 @@ def prepare_llama() -> None:
     llama_cpp.llama_backend_init()
 
 
-def open_llama(path: Path, n_ctx: int, n_gpu_layers: int, n_threads: int, n_threads_batch: int):
-    """Open a model with llama.cpp; the caller must close() it."""
+def open_llama(path: Path, n_ctx: int, n_gpu_layers: int, n_threads: int, n_threads_batch: int,
+               logits_all: bool = False):
+    """Open a model with llama.cpp; the caller must close() it. logits_all keeps every position's
+    logits, which logprobs need (and which costs memory, so only models configured for it pay)."""
     # Imported here so the package imports (and most tests run) quickly.
     from llama_cpp import Llama
 
     return Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
-                 n_threads_batch=n_threads_batch, verbose=False)
+                 n_threads_batch=n_threads_batch, logits_all=logits_all, verbose=False)
 
 
 def llama_model_bytes(llm) -> int | None:
@@ -73,14 +77,29 @@ def llama_model_bytes(llm) -> int | None:
         return None
 
 
+class Piece(str):
+    """A piece of generated text that also carries its tokens' logprobs, when they were asked for."""
+
+    logprobs: list[dict] | None
+
+    def __new__(cls, text: str, logprobs: list[dict] | None = None) -> "Piece":
+        piece = super().__new__(cls, text)
+        piece.logprobs = logprobs
+        return piece
+
+
 class Generation:
     """One request's turn on the model; release() is idempotent and ends the turn."""
 
-    def __init__(self, llm, name: str, n_ctx: int, release: Callable[[], None]):
+    def __init__(self, llm, name: str, n_ctx: int, release: Callable[[], None], chat: ChatTemplate | None = None,
+                 logits_kept: bool = False):
         self._llm = llm
         self.name = name
         self._n_ctx = n_ctx
         self._release = Once(release)
+        self.chat = chat
+        self._logits_kept = logits_kept
+        self._chat_tokens: list[int] | None = None
         self.prompt_tokens: int | None = None
         self.finish_reason: str | None = None
 
@@ -95,20 +114,38 @@ class Generation:
             raise ApiError(400, "prompt_too_long", f"prompt is {tokens} tokens; the context holds {self._n_ctx}")
         self.prompt_tokens = tokens
 
-    def stream(self, request: GenerationRequest) -> Iterator[str]:
+    def check_messages(self, messages: tuple[dict, ...]) -> None:
+        """Render the chat with the model's template; refuse a conversation that does not fit the context."""
+        size = sum(len(m["content"].encode("utf-8")) for m in messages)
+        if size > self._n_ctx * MAX_BYTES_PER_TOKEN:  # as for prompts: do not tokenize what cannot fit
+            raise ApiError(400, "prompt_too_long", f"the chat is {size} bytes; the context holds {self._n_ctx} tokens")
+        tokens = self.chat.render(self._llm, messages)
+        if len(tokens) >= self._n_ctx:
+            raise ApiError(400, "prompt_too_long", f"the chat is {len(tokens)} tokens; the context holds {self._n_ctx}")
+        self._chat_tokens, self.prompt_tokens = tokens, len(tokens)
+
+    def stream(self, request: GenerationRequest) -> Iterator[Piece]:
         """Yield text pieces as llama.cpp produces them; finish_reason is set when it ends."""
-        kwargs = {"stream": True, **request.sampling_kwargs()}
+        kwargs = {"stream": True, **request.sampling_kwargs(), **completion_kwargs(request, self._logits_kept)}
         if request.messages is not None:
-            chunks = self._llm.create_chat_completion(list(request.messages), **kwargs)
+            if self._chat_tokens is None:
+                self.check_messages(request.messages)
+            # The chat is rendered here rather than by create_chat_completion, so its prompt is
+            # counted and checked like a completion's and the template is the one chosen at load.
+            # The template's turn markers and the request's own stop strings, each once.
+            stop = list(dict.fromkeys((*self.chat.stop, *request.stop)))
+            if stop:
+                kwargs["stop"] = stop
+            chunks = self._llm.create_completion(self._chat_tokens, **kwargs)
         else:
             chunks = self._llm.create_completion(request.prompt, **kwargs)
         try:
             for chunk in chunks:
                 choice = chunk["choices"][0]
-                text = choice["delta"].get("content") if "delta" in choice else choice["text"]
                 self.finish_reason = choice.get("finish_reason") or self.finish_reason
-                if text:
-                    yield text
+                logprobs = piece_logprobs(choice.get("logprobs"), request.logprobs)
+                if choice["text"] or logprobs:
+                    yield Piece(choice["text"], logprobs)
         finally:
             # Closing llama.cpp's generator stops decoding when the client went away.
             chunks.close()

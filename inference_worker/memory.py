@@ -15,6 +15,7 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 KV_ELEMENT_BYTES = 2  # llama.cpp keeps K and V in f16 unless told otherwise
 KV_CELL_PADDING = 256  # llama.cpp rounds the context's cells up to this
+LOGIT_BYTES = 4  # llama-cpp-python keeps logits as float32
 # What a llama.cpp context adds beyond weights and KV cache, as resident memory right after the
 # load, calibrated on SmolLM2, Gemma 3 and the tiny test models (docs/architecture.md has the
 # table): a fixed part (threadpool, graph metadata, the touched start of the compute buffer) and
@@ -32,10 +33,11 @@ class MemoryEstimate:
     weights: int
     kv_cache: int
     context: int
+    logits: int = 0  # every position's logits, kept only for a model loaded with logprobs
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.context
+        return self.weights + self.kv_cache + self.context + self.logits
 
 
 def _per_layer(value, n_layer: int) -> list[int]:
@@ -75,10 +77,15 @@ def vocabulary_size(header: GgufHeader) -> int:
     return size if isinstance(size, int) else 0
 
 
-def estimate_model_memory(header: GgufHeader, n_ctx: int) -> MemoryEstimate:
-    """Weights at their quantization + KV cache for n_ctx + the context's own allowance."""
-    context = CONTEXT_FIXED_BYTES + CONTEXT_BYTES_PER_VOCAB_TOKEN * vocabulary_size(header)
-    return MemoryEstimate(header.tensor_bytes, kv_cache_bytes(header, n_ctx), context)
+def estimate_model_memory(header: GgufHeader, n_ctx: int, logits_all: bool = False) -> MemoryEstimate:
+    """Weights at their quantization + KV cache for n_ctx + the context's own allowance, and with
+    logits_all the n_ctx × vocabulary table of float32 logits that fills as the context does."""
+    vocab = vocabulary_size(header)
+    context = CONTEXT_FIXED_BYTES + CONTEXT_BYTES_PER_VOCAB_TOKEN * vocab
+    # Untouched right after the load (numpy leaves it unwritten), so it is charged before it is
+    # resident: a model used for logprobs must not push the others past the budget later.
+    logits = n_ctx * vocab * LOGIT_BYTES if logits_all else 0
+    return MemoryEstimate(header.tensor_bytes, kv_cache_bytes(header, n_ctx), context, logits)
 
 
 def process_rss_bytes() -> int:

@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from inference_worker.chat_templates import ChatTemplate, choose_chat_template
 from inference_worker.engine import FairLock, Generation, llama_model_bytes, open_llama
 from inference_worker.memory import (Budget, MemoryEstimate, estimate_model_memory, process_rss_bytes,
                                      return_freed_memory)
 from model_swap.errors import ApiError
 from model_swap.gguf import GgufError, read_header
+from model_swap.model_settings import ModelSettings
 
 log = logging.getLogger(__name__)
 MAX_REMEMBERED_ESTIMATES = 256
@@ -49,6 +51,9 @@ class LoadedModel:
     llama_model_bytes: int | None
     loaded_at: float
     last_used: float
+    settings: ModelSettings  # what the store asked for (the models config); a change reloads it
+    n_ctx: int  # the context it was opened with: its own setting, else the worker's N_CTX
+    chat: ChatTemplate  # chosen at load, so every chat of this model is rendered the same way
     turn: FairLock = field(default_factory=FairLock)
     active: int = 0
     waiting: int = 0
@@ -72,8 +77,9 @@ class LoadedModel:
                 "loaded_at": self.loaded_at, "last_used": self.last_used, "active": self.active,
                 "waiting": self.waiting, "unloading": self.unloading,
                 "estimate": {"weights_bytes": self.estimate.weights, "kv_cache_bytes": self.estimate.kv_cache,
-                             "context_bytes": self.estimate.context},
-                "llama_model_bytes": self.llama_model_bytes}
+                             "context_bytes": self.estimate.context, "logits_bytes": self.estimate.logits},
+                "llama_model_bytes": self.llama_model_bytes, "n_ctx": self.n_ctx, "chat_template": self.chat.label,
+                "settings": self.settings.to_json()}
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,7 @@ class LoadResult:
 
 @dataclass(frozen=True)
 class LlamaSettings:
-    """How every model is opened."""
+    """How every model is opened unless its own ModelSettings say otherwise."""
 
     n_ctx: int
     n_gpu_layers: int
@@ -139,19 +145,22 @@ class ModelRegistry:
 
     # --- loading -------------------------------------------------------------------------
 
-    def load(self, name: str, path: Path) -> LoadResult:
-        """Load `name` alongside the resident models; 507 insufficient_memory if it does not fit."""
+    def load(self, name: str, path: Path, settings: ModelSettings = ModelSettings()) -> LoadResult:
+        """Load `name` opened with `settings` alongside the resident models; 507 insufficient_memory
+        if it does not fit."""
         identity = _file_identity(path)
-        estimate = self._estimate(name, path, identity)
+        n_ctx = settings.n_ctx or self.settings.n_ctx
+        estimate = self._estimate(name, path, identity, n_ctx, settings.logprobs)
         while True:
             with self._cond:
                 current = self._models.get(name)
-                if current is not None and current.identity == identity and not current.unloading:
+                if (current is not None and current.identity == identity and current.settings == settings
+                        and not current.unloading):
                     current.last_used = self._clock()
                     return LoadResult(name, 0.0, True, current.measured_bytes, current.estimate.total)
             if current is not None:
-                # The file was replaced under the same name (or an unload is draining it): the old
-                # copy goes first, its generations finishing as they would for any unload.
+                # The file was replaced under the same name, its settings changed (or an unload is
+                # draining it): the old copy goes first, its generations finishing as for any unload.
                 self.unload(name)
                 continue
             with self._lifecycle:
@@ -159,17 +168,18 @@ class ModelRegistry:
                     if name in self._models:
                         continue  # another request loaded it meanwhile: look again
                     self._check_room(name, estimate.total)
-                return self._open(name, path, identity, estimate)
+                return self._open(name, path, identity, estimate, settings, n_ctx)
 
-    def _estimate(self, name: str, path: Path, identity) -> MemoryEstimate:
-        """The file's memory estimate, remembered per file version (Gemma's header takes ~60 ms)."""
-        key = (str(path), identity)
+    def _estimate(self, name: str, path: Path, identity, n_ctx: int, logits_all: bool) -> MemoryEstimate:
+        """The file's memory estimate for this context, remembered per file version (Gemma's header
+        takes ~60 ms)."""
+        key = (str(path), identity, n_ctx, logits_all)
         with self._cond:
             known = self._estimates.get(key)
         if known is not None:
             return known
         try:
-            estimate = estimate_model_memory(read_header(path), self.settings.n_ctx)
+            estimate = estimate_model_memory(read_header(path), n_ctx, logits_all)
         except (GgufError, OSError) as err:
             raise ApiError(422, "load_failed", f"{name} is not a loadable GGUF file: {err}") from err
         with self._cond:
@@ -193,27 +203,38 @@ class ModelRegistry:
             "resident": [{"name": m.name, "memory_bytes": m.charged_bytes, "active": m.active,
                           "waiting": m.waiting} for m in resident]})
 
-    def _open(self, name: str, path: Path, identity, estimate: MemoryEstimate) -> LoadResult:
-        """Construct the Llama and publish its record; caller holds _lifecycle."""
+    def _open(self, name: str, path: Path, identity, estimate: MemoryEstimate, settings: ModelSettings,
+              n_ctx: int) -> LoadResult:
+        """Construct the Llama, choose its chat template and publish its record; caller holds _lifecycle."""
         s = self.settings
+        n_gpu_layers = s.n_gpu_layers if settings.n_gpu_layers is None else settings.n_gpu_layers
         gc.collect()  # garbage freed during the load would hide part of what the load takes
         return_freed_memory()
         before = process_rss_bytes()
         started = time.perf_counter()
         try:
-            llm = self._open_model(path, s.n_ctx, s.n_gpu_layers, s.n_threads, s.n_threads_batch)
+            llm = self._open_model(path, n_ctx, n_gpu_layers, s.n_threads, s.n_threads_batch,
+                                   logits_all=settings.logprobs)
         except Exception as err:
             return_freed_memory()
             log.warning("[registry] load of %s failed: %s", name, err)
             raise ApiError(422, "load_failed", f"llama.cpp could not load {name}: {err}") from err
+        try:
+            chat = choose_chat_template(llm, settings.chat_template)
+        except Exception as err:  # a template that cannot apply fails the load: the model is no use without it
+            llm.close()
+            return_freed_memory()
+            log.warning("[registry] load of %s failed: %s", name, err)
+            raise ApiError(422, "load_failed", f"{name} cannot use its chat template: {err}") from err
         load_ms = (time.perf_counter() - started) * 1000
         now = self._clock()
         record = LoadedModel(name, identity, llm, estimate, max(0, process_rss_bytes() - before),
-                             llama_model_bytes(llm), now, now)
+                             llama_model_bytes(llm), now, now, settings, n_ctx, chat)
         with self._cond:
             self._models[name] = record
-        log.info("[registry] loaded %s in %.1fms: estimated=%d measured=%d (llama.cpp model=%s) resident=%d",
-                 name, load_ms, estimate.total, record.measured_bytes, record.llama_model_bytes, len(self._models))
+        log.info("[registry] loaded %s in %.1fms: estimated=%d measured=%d (llama.cpp model=%s) resident=%d "
+                 "n_ctx=%d chat_template=%s settings=%s", name, load_ms, estimate.total, record.measured_bytes,
+                 record.llama_model_bytes, len(self._models), n_ctx, chat.label, settings.to_json())
         return LoadResult(name, load_ms, False, record.measured_bytes, estimate.total)
 
     # --- unloading -----------------------------------------------------------------------
@@ -287,7 +308,8 @@ class ModelRegistry:
         with self._cond:
             record.waiting -= 1
             record.active += 1
-        return Generation(record.llm, record.name, self.settings.n_ctx, lambda: self._end(record))
+        return Generation(record.llm, record.name, record.n_ctx, lambda: self._end(record), record.chat,
+                          record.settings.logprobs)
 
     def _resolve(self, model: str | None) -> LoadedModel:
         """The record a request means; caller holds _cond."""

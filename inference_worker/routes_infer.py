@@ -11,7 +11,7 @@ from typing import Iterator
 from flask import Blueprint, Response
 
 from inference_worker import state
-from inference_worker.engine import Generation
+from inference_worker.engine import Generation, Piece
 from inference_worker.metrics import WorkerMetrics
 from model_swap.errors import ApiError
 from model_swap.names import check_model_name
@@ -22,10 +22,12 @@ log = logging.getLogger(__name__)
 STREAM_FORMATS = ("text", "ndjson")
 
 
-def _start(gen: Generation, request: GenerationRequest) -> Iterator[str]:
+def _start(gen: Generation, request: GenerationRequest) -> Iterator[Piece]:
     """Begin generating and pull the first piece now, so a failure is still an error response."""
     if request.prompt is not None:
         gen.check_prompt(request.prompt)
+    else:
+        gen.check_messages(request.messages)
     pieces = gen.stream(request)
     try:
         first = next(pieces, None)
@@ -34,20 +36,21 @@ def _start(gen: Generation, request: GenerationRequest) -> Iterator[str]:
     return itertools.chain([] if first is None else [first], pieces)
 
 
-def _stream(gen: Generation, pieces: Iterator[str], started: float, ndjson: bool,
+def _stream(gen: Generation, pieces: Iterator[Piece], started: float, ndjson: bool,
             metrics: WorkerMetrics) -> Iterator[bytes]:
     """Yield text (or ndjson events ending with a summary), logging TTFT and throughput at the end."""
     first: float | None = None
     tokens = 0
     finished = False
     try:
-        for text in pieces:
+        for piece in pieces:
             if first is None:
                 first = time.perf_counter() - started
                 metrics.ttft_seconds.observe(first)
                 log.info("[infer] TTFT: %.3fs", first)
             tokens += 1
-            yield (json.dumps({"text": text}) + "\n").encode() if ndjson else text.encode("utf-8")
+            event = {"text": piece, **({"logprobs": piece.logprobs} if piece.logprobs else {})}
+            yield (json.dumps(event) + "\n").encode() if ndjson else piece.encode("utf-8")
         finished = True
         if ndjson:
             yield (json.dumps({"finish_reason": gen.finish_reason, "completion_tokens": tokens,
@@ -66,9 +69,10 @@ def infer():
     """Stream from a resident model: 409 model_not_loaded if it is not loaded, 409 model_unloading
     while an unload drains it; `model` may be left out only while exactly one model is loaded.
 
-    Body: {"prompt" or "messages", "max_tokens", "temperature", "model", "stream_format"}.
-    stream_format "text" (default) is text/plain; "ndjson" is one {"text"} object per piece and
-    a last {"finish_reason", "completion_tokens", "prompt_tokens"}.
+    Body: {"prompt" or "messages", "max_tokens", "temperature", "logprobs", "response_format", "model",
+    "stream_format"}. stream_format "text" (default) is text/plain; "ndjson" is one {"text"} object
+    per piece (with "logprobs" when asked for) and a last {"finish_reason", "completion_tokens",
+    "prompt_tokens"}.
     """
     body = json_body()
     request = parse_generation(body)
@@ -98,5 +102,7 @@ def infer():
     # If the body is never iterated, the turn must still end.
     response.call_on_close(gen.release)
     response.headers["X-Model-Name"] = gen.name
+    if request.messages is not None:
+        response.headers["X-Chat-Template"] = gen.chat.label
     response.headers["X-Accel-Buffering"] = "no"
     return response

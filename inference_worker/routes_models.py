@@ -10,6 +10,7 @@ from flask import Blueprint, jsonify, request
 from inference_worker import state
 from model_swap.digest import BLOCK_SIZE
 from model_swap.errors import ApiError
+from model_swap.model_settings import ModelSettings
 from model_swap.names import check_model_name
 from model_swap.web import json_body
 
@@ -47,13 +48,13 @@ def _receive() -> dict:
     return {"name": name, "size": receipt.size, "sha256": receipt.sha256, "receive_ms": round(receipt.receive_ms, 2)}
 
 
-def _load(name: str) -> dict:
-    """Load a cached model alongside the resident ones, counting the result."""
+def _load(name: str, settings: ModelSettings = ModelSettings()) -> dict:
+    """Load a cached model alongside the resident ones, opened with `settings`, counting the result."""
     cache, m = state.cache(), state.metrics()
     if not cache.contains(name):
         raise ApiError(404, "model_not_cached", f"{name} is not in the worker's cache")
     try:
-        result = state.registry().load(name, cache.path_for(name))
+        result = state.registry().load(name, cache.path_for(name), settings)
     except ApiError as err:
         m.loads.labels("insufficient_memory" if err.code == "insufficient_memory" else "error").inc()
         raise
@@ -63,6 +64,12 @@ def _load(name: str) -> dict:
     cache.touch(name)
     return {"loaded": name, "already_loaded": result.already_loaded, "load_ms": round(result.load_ms, 2),
             "memory_bytes": result.memory_bytes, "estimated_bytes": result.estimated_bytes}
+
+
+def _optional_body() -> dict:
+    """The JSON body, or {} when the request has none."""
+    has_body = request.content_length or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    return json_body() if has_body else {}
 
 
 @bp.post("/load_model_from_store")
@@ -86,9 +93,9 @@ def cache_model():
 
 @bp.post("/load_model_from_local_store")
 def load_model_from_local_store():
-    """Load a model that is already cached."""
+    """Load a model that is already cached; an optional JSON body {"settings": {...}} says how to open it."""
     name = check_model_name(request.headers.get("X-Model-Name"))
-    return jsonify(_load(name))
+    return jsonify(_load(name, ModelSettings.from_json(_optional_body().get("settings"))))
 
 
 @bp.get("/models")
@@ -119,9 +126,7 @@ def delete_model(name: str):
 @bp.post("/unload")
 def unload():
     """Unload {"model": name} once its generations finish; without a body, every model."""
-    has_body = request.content_length or "chunked" in request.headers.get("Transfer-Encoding", "").lower()
-    body = json_body() if has_body else {}
-    model = body.get("model")
+    model = _optional_body().get("model")
     if model is None:
         return jsonify({"unloaded": state.registry().unload_all()})
     check_model_name(model)

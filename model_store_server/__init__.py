@@ -9,6 +9,7 @@ from flask import Flask
 from model_store_server.config import StoreConfig
 from model_store_server.core import build_core
 from model_store_server.forwarding import install_request_lines
+from model_store_server.model_names import ModelNames
 from model_store_server.transport import Transport
 from model_swap.auth import install_token_check
 from model_swap.errors import ApiError, register_error_handlers
@@ -21,16 +22,18 @@ def create_app(config: StoreConfig, worker=None, transport: Transport | None = N
     """Build the store app; its state lives in app.extensions["store"]. Tests pass a fake worker."""
     app = Flask(__name__)
     core = build_core(config, worker, transport)
-    app.extensions["store"] = {"config": config, "core": core}
+    names = ModelNames(core.catalog, config.models_config)
+    app.extensions["store"] = {"config": config, "core": core, "names": names}
     register_error_handlers(app)
     install_request_logging(app, log)
     install_token_check(app, config.api_key, open_endpoints={"admin.health"})
     install_request_lines(app)
 
-    from model_store_server import routes_admin, routes_openai, routes_user
+    from model_store_server import routes_admin, routes_ollama, routes_openai, routes_user
 
     app.register_blueprint(routes_user.bp)
     app.register_blueprint(routes_openai.bp)
+    app.register_blueprint(routes_ollama.bp)
     app.register_blueprint(routes_admin.bp)
     reconciled = "not yet"
     if config.reconcile_on_start:
@@ -40,7 +43,9 @@ def create_app(config: StoreConfig, worker=None, transport: Transport | None = N
         except ApiError as err:
             log.warning("worker not reconciled at start-up (%s); will retry on the next request", err.message)
     core.start()
-    log.info("store ready: models=%s policy=%s worker=%s transport=%s keep_alive=%ss pinned=[%s] preload=[%s]; %s",
-             core.catalog.root, config.cache_policy, config.worker_url, config.transport, config.keep_alive_seconds,
-             ", ".join(config.pinned_models), ", ".join(config.preload_models), reconciled)
+    log.info("store ready: models=%s policy=%s worker=%s transport=%s keep_alive=%ss pinned=[%s] preload=[%s] "
+             "models_config=%s (%d entries); %s", core.catalog.root, config.cache_policy, config.worker_url,
+             config.transport, config.keep_alive_seconds, ", ".join(config.pinned_models),
+             ", ".join(config.preload_models), config.models_config.source, len(config.models_config.entries),
+             reconciled)
     return app

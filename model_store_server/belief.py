@@ -152,6 +152,15 @@ class WorkerBelief:
                      if r.name not in busy and r.name not in self.pinned and (at := r.expires_at()) is not None]
         return min(times, default=None)
 
+    def expires_at(self, name: str, busy: bool = False) -> float | None:
+        """When `name` leaves the worker by itself (clock time): a resident model when its keep-alive runs out
+        (None while busy, pinned or kept forever), a file on the disk only when a timed policy expires it."""
+        with self._lock:
+            record = self._resident.get(name)
+            if record is not None:
+                return None if busy or name in self.pinned else record.expires_at()
+            return None if name in self.pinned else self._policy.expires_at(name)
+
     def expired_files(self) -> list[str]:
         """Files a timed policy has expired (pinned ones are kept fresh instead)."""
         with self._lock:

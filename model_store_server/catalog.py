@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import threading
@@ -52,18 +51,6 @@ def _name_problem(name: str) -> str | None:
     return None
 
 
-MAX_NAMES_IN_MESSAGE = 20
-
-
-def closest_names(name: str, available: list[str]) -> list[str]:
-    """The available names most like `name`: those containing it (case aside), then difflib's close matches."""
-    stem = name.lower().removesuffix(".gguf")
-    containing = [a for a in available if stem and stem in a.lower()]
-    similar = difflib.get_close_matches(name.lower(), [a.lower() for a in available], n=3, cutoff=0.5)
-    by_lower = {a.lower(): a for a in available}
-    return list(dict.fromkeys(containing + [by_lower[s] for s in similar]))[:3]
-
-
 class Catalog:
     """Reads MODELS_DIR on demand, so models added while running are seen; digests and header checks are memoised."""
 
@@ -74,31 +61,16 @@ class Catalog:
         self._header_checks: dict[str, tuple[tuple[int, ...], str | None]] = {}
         self._reported: set[tuple[str, str]] = set()
 
-    def check_name(self, name: object) -> str:
-        """check_model_name, whose error also names the available models and the closest ones."""
-        try:
-            return check_model_name(name)
-        except ApiError as err:
-            raise self._with_suggestions(err, name if isinstance(name, str) else "") from None
-
-    def _with_suggestions(self, err: ApiError, name: str) -> ApiError:
-        available = sorted(m.name for m in self.list())
-        closest = closest_names(name, available)
-        hint = f"; did you mean {' or '.join(closest)}?" if closest else ""
-        shown = ", ".join(available[:MAX_NAMES_IN_MESSAGE]) + (", ..." if len(available) > MAX_NAMES_IN_MESSAGE else "")
-        return ApiError(err.status, err.code, f"{err.message}{hint} (available: {shown or 'none'})", err.headers,
-                        {"available": available, "closest": closest})
-
     def get(self, name: str) -> StoredModel:
         """Return a stored model; 404 model_not_found, or 422 invalid_model for a file that is not a usable GGUF."""
-        path = self.root / self.check_name(name)
+        path = self.root / check_model_name(name)
         try:
             st = path.stat()
             if not path.is_file():
                 raise FileNotFoundError(name)
         except FileNotFoundError:
-            raise self._with_suggestions(ApiError(404, "model_not_found", f"{name} is not in the store ({self.root})"),
-                                         name) from None
+            # Routes resolve names first (model_names, which suggests the closest): this is a file gone meanwhile.
+            raise ApiError(404, "model_not_found", f"{name} is not in the store ({self.root})", param="model") from None
         problem = self._header_problem(path, st)
         if problem is not None:
             self._report(Unusable(name, problem))

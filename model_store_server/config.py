@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from model_store_server.models_config import ModelsConfig, load_models_config
 from model_swap.cli import add_setting, add_switch, settings_parser
 from model_swap.config import LOOPBACK_HOSTS, ConfigError, parse_number, parse_optional_number
 from model_swap.errors import ApiError
@@ -48,6 +49,7 @@ class StoreConfig:
     preload_models: tuple[str, ...] = ()
     max_queue: int = 64  # requests waiting per model before 429 queue_full
     queue_timeout_s: float = 300.0  # longest wait before 503 queue_timeout
+    models_config: ModelsConfig = ModelsConfig()
 
     def __post_init__(self) -> None:
         if self.cache_policy not in POLICIES:
@@ -124,6 +126,8 @@ def store_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add_setting(p, env, "--threads", "STORE_THREADS", d.threads, "request threads")
     add_setting(p, env, "--request-timeout-s", "REQUEST_TIMEOUT_S", d.request_timeout_s,
                 "seconds a client may take to send its request, or stall reading a response, before it is cut off")
+    add_setting(p, env, "--models-config", "MODELS_CONFIG", None,
+                "TOML file with model aliases and per-model settings")
     add_setting(p, env, "--log-level", "LOG_LEVEL", d.log_level, "DEBUG, INFO, WARNING or ERROR")
     add_setting(p, env, "--keep-alive-seconds", "KEEP_ALIVE_SECONDS", d.keep_alive_seconds,
                 "seconds an idle model stays in the worker's memory; negative: never unloaded, 0: at once")
@@ -168,6 +172,7 @@ def load_store_config(argv: Sequence[str] | None = None, env: Mapping[str, str] 
         preload_models=_name_list(a.preload_models),
         max_queue=parse_number(a.max_queue, "MAX_QUEUE"),
         queue_timeout_s=parse_number(a.queue_timeout_s, "QUEUE_TIMEOUT_S", float),
+        models_config=load_models_config(a.models_config),
     )
 
 

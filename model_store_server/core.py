@@ -25,7 +25,7 @@ from model_store_server.outcome import Outcome
 from model_store_server.policy import build_policy
 from model_store_server.transport import Transport, build_transport
 from model_store_server.upkeep import Janitor, Upkeep
-from model_store_server.worker_client import WorkerClient
+from model_store_server.worker_client import LoadedModel, WorkerClient
 from model_swap.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,21 @@ class StoreCore:
                             "cached": [c.get("name") for c in truth.cached], "boot_id": truth.boot_id})
         return reports
 
+    def expires_at(self, name: str) -> float | None:
+        """When `name` leaves its worker by itself (clock time): its keep-alive if resident, else a ttl; or None."""
+        slot = self.slot_for(name)
+        return slot.belief.expires_at(name, busy=bool(slot.gates.snapshot()["uses"].get(name)))
+
+    def worker_loaded(self) -> list[LoadedModel]:
+        """The models each worker itself says it has in memory, in its load order (unreachable ones: none)."""
+        loaded: list[LoadedModel] = []
+        for slot in self.slots:
+            try:
+                loaded += slot.client.state().loaded
+            except ApiError as err:
+                log.warning("[core] worker %s did not list its models: %s", slot.name, err.code)
+        return loaded
+
     def worker_status(self) -> str:
         """ok, unauthorized, unreachable or error: how the worker answers an authenticated call."""
         for slot in self.slots:
@@ -168,7 +183,8 @@ class StoreCore:
 def build_core(config: StoreConfig, worker=None, transport: Transport | None = None,
                clock: Callable[[], float] = time.monotonic) -> StoreCore:
     """The core for the config's worker; tests pass a fake worker (and transport) here."""
-    worker = worker or WorkerClient(config.worker_url, config.worker_token, config.worker_timeout_s)
+    worker = worker or WorkerClient(config.worker_url, config.worker_token, config.worker_timeout_s,
+                                    config.models_config.settings_for)
     transport = transport or build_transport(config, worker)
     metrics, events, catalog = StoreMetrics(), EventBus(), Catalog(config.models_dir)
     policy = build_policy(config.cache_policy, config.max_cache_size, config.max_cache_bytes, config.ttl_seconds,

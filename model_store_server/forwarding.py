@@ -8,7 +8,7 @@ request that waits for its swap on another thread has its line written when the 
 from __future__ import annotations
 
 import logging
-import re
+import math
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,6 +19,7 @@ from flask import Flask, Response, g, request
 from model_store_server import state
 from model_store_server.core import StoreCore
 from model_store_server.executor import Lease
+from model_store_server.ollama_format import keep_alive_seconds
 from model_store_server.outcome import Outcome
 from model_store_server.worker_client import WorkerUnavailable
 from model_swap.errors import ApiError
@@ -27,9 +28,8 @@ from model_swap.web import GenerationRequest
 log = logging.getLogger(__name__)
 # The worker no longer has the model we believed loaded (it restarted, or is unloading it): retry once.
 RETRY_CODES = frozenset({"model_not_loaded", "model_unloading"})
-DURATION_RE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-GENERATION_ENDPOINTS = frozenset({"user.user_request", "openai.completions", "openai.chat_completions"})
+GENERATION_ENDPOINTS = frozenset({"user.user_request", "openai.completions", "openai.chat_completions",
+                                  "ollama.generate", "ollama.chat"})
 
 
 @dataclass
@@ -81,7 +81,9 @@ def install_request_lines(app: Flask) -> None:
         error = None
         if response.status_code >= 400:
             body = response.get_json(silent=True) or {}
-            error = (body.get("error") or {}).get("code") or f"http_{response.status_code}"
+            envelope = body.get("error")  # Ollama's routes answer {"error": "message", "code": ...}
+            code = envelope.get("code") if isinstance(envelope, dict) else body.get("code")
+            error = code or f"http_{response.status_code}"
         model = g.get("model")
         write_request_line(state.core(), request.path, model if isinstance(model, str) else "-",
                            g.get("outcome") or Outcome(), error)
@@ -108,16 +110,10 @@ def log_request(endpoint: str, policy: str, model: str, outcome: Outcome, error:
 
 
 def keep_alive_of(body: dict) -> float | None:
-    """The request's `keep_alive` (seconds, or "30s", "5m", "1h"; negative: never unload), or None."""
-    value = body.get("keep_alive")
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    match = DURATION_RE.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise ApiError(400, "invalid_request", 'keep_alive must be seconds or a duration like "30s", "5m", "1h"')
-    return float(match.group(1)) * UNITS_S[match.group(2)]
+    """The request's `keep_alive` in seconds (a number, or Ollama's durations: "30s", "5m", "1h30m"), negative
+    for never unloading, or None when not given."""
+    seconds = keep_alive_seconds(body.get("keep_alive"))
+    return -1.0 if seconds == math.inf else seconds
 
 
 def start_generation(store: StoreCore, model: str, generation: GenerationRequest, stream_format: str = "text",
@@ -148,6 +144,17 @@ def start_generation(store: StoreCore, model: str, generation: GenerationRequest
             err.headers.update(outcome.headers())
         raise
     return Forward(store, lease, upstream, outcome)
+
+
+def load_model(store: StoreCore, model: str, keep_alive_s: float | None, outcome: Outcome) -> Outcome:
+    """Make sure `model` is resident without generating (Ollama's empty request); its keep-alive starts now."""
+    try:
+        store.lease(model, keep_alive_s, outcome).release()
+    except ApiError as err:
+        if outcome.decided:
+            err.headers.update(outcome.headers())
+        raise
+    return outcome
 
 
 class PendingForward:

@@ -41,6 +41,11 @@ class _SweepingTTLCache(cachetools.TTLCache):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.swept: dict[str, int] = {}
+        self.expiry: dict[str, float] = {}  # key -> when it expires on the timer's clock (for /api/ps)
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        self.expiry[key] = self.timer() + self.ttl
 
     def expire(self, time=None):
         expired = super().expire(time)
@@ -89,6 +94,12 @@ class CachePolicy:
         with self._frozen_time():
             live = list(self._cache.keys())
             return [k for k in self._pending if k not in live] + live
+
+    def expires_at(self, name: str) -> float | None:
+        """When `name`'s ttl runs out, on the policy's timer clock; None if it has no ttl or is not admitted."""
+        if not self._timed or name not in self._cache:
+            return None
+        return self._cache.expiry.get(name)
 
     def total_bytes(self) -> int:
         return sum(self._cache.values())

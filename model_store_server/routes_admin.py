@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from model_store_server import state
 from model_store_server.events import sse_frames
+from model_store_server.model_names import model_names
 from model_swap.web import json_body
 
 bp = Blueprint("admin", __name__)
@@ -25,7 +26,7 @@ def reset():
 @bp.post("/admin/prefetch")
 def prefetch():
     """Put a model in the worker's cache without loading it."""
-    name = state.core().catalog.check_name(json_body().get("model"))
+    name = model_names().resolve(json_body().get("model"))
     outcome = state.core().prefetch(name)
     log.info("[/admin/prefetch] model=%s action=%s evicted=[%s] cached=[%s]", name, outcome.action,
              ", ".join(outcome.evicted), ", ".join(outcome.cached))
@@ -34,7 +35,7 @@ def prefetch():
 
 
 def _unload(evict: bool):
-    name = state.core().catalog.check_name(json_body().get("model"))
+    name = model_names().resolve(json_body().get("model"))
     outcome = state.core().unload(name, evict=evict)
     endpoint = "/admin/evict" if evict else "/admin/unload"
     log.info("[%s] model=%s unloaded=[%s] evicted=[%s] cached=[%s] loaded=[%s]", endpoint, name,

@@ -2,8 +2,9 @@
 
 The same swap path as /user_request (the cache headers are set here too); the worker streams
 ndjson events, which become server-sent events (`data: {json}` ... `data: [DONE]`) or one JSON
-body. Sampling parameters llama.cpp has (seed, top_p, stop, penalties, max_completion_tokens) are
-applied; tool calls, n > 1, logprobs, logit_bias and anything unknown are refused, never ignored.
+body. Sampling parameters llama.cpp has (seed, top_p, stop, penalties, max_completion_tokens),
+logprobs and response_format are applied, `keep_alive` goes to the store's core; tool calls,
+n > 1, logit_bias and anything unknown are refused (openai_format.NEUTRAL), never ignored.
 A streaming request that waits for a swap gets SSE comment lines (`: transferring X... 45%`) meanwhile.
 """
 
@@ -16,45 +17,23 @@ from typing import Iterator
 
 from flask import Blueprint, Response, jsonify
 
+from model_store_server import openai_format as fmt
 from model_store_server import state
 from model_store_server.forwarding import Forward, PendingForward, begin_request, keep_alive_of, start_generation
+from model_store_server.model_names import model_names
+from model_store_server.worker_events import collect, events, usage, worker_headers
 from model_swap.errors import ApiError
-from model_swap.web import GENERATION_FIELDS, json_body, parse_generation, refuse_unknown
+from model_swap.web import GenerationRequest, json_body, parse_generation
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
-# Parameters model-swap cannot apply: accepted only with the value that asks for nothing.
-NEUTRAL = {"n": (None, 1), "best_of": (None, 1), "logprobs": (None, False), "top_logprobs": (None, 0),
-           "echo": (None, False), "suffix": (None,), "tools": (None, []),
-           "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
-           "response_format": (None, {"type": "text"})}
-# Applied (GENERATION_FIELDS go to llama.cpp, keep_alive to the store), or metadata with no effect ("user").
-ACCEPTED = GENERATION_FIELDS | {"model", "stream", "user", "keep_alive"} | set(NEUTRAL)
 WAIT_BEFORE_PROGRESS_S = 1.0  # a request that waits longer starts its stream with progress comments
 PROGRESS_EVERY_S = 0.5
 
 
-def _events(forward: Forward) -> Iterator[dict]:
-    """The worker's ndjson events as dicts."""
-    buffer = b""
-    for chunk in forward.chunks():
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
-        for line in lines:
-            if line.strip():
-                yield json.loads(line)
-
-
-def _usage(summary: dict) -> dict | None:
-    if summary.get("prompt_tokens") is None:
-        return None
-    prompt, completion = summary["prompt_tokens"], summary["completion_tokens"]
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _choice(chat: bool, text: str | None, finish_reason: str | None, stream: bool) -> dict:
-    choice: dict = {"index": 0, "finish_reason": finish_reason}
+def _choice(chat: bool, text: str | None, finish_reason: str | None, stream: bool, logprobs: dict | None) -> dict:
+    choice: dict = {"index": 0, "finish_reason": finish_reason, "logprobs": logprobs}
     if not chat:
-        choice.update(text=text or "", logprobs=None)
+        choice["text"] = text or ""
     elif stream:
         choice["delta"] = {"content": text} if text is not None else {}
     else:
@@ -62,60 +41,76 @@ def _choice(chat: bool, text: str | None, finish_reason: str | None, stream: boo
     return choice
 
 
+def _parse(body: dict, chat: bool) -> tuple[str, GenerationRequest]:
+    """Resolve the model, fill in its sampling defaults, and validate the request in the store's spelling."""
+    fmt.refuse_unsupported(body)
+    if not chat and not isinstance(body.get("prompt"), str):
+        raise ApiError(400, "invalid_request", "prompt must be one string", param="prompt")
+    names = model_names()
+    model = names.resolve(body.get("model"))
+    body = names.config.apply_sampling_defaults(model, body)
+    request = parse_generation(fmt.internal_body(body, chat), chat=chat)
+    if request.logprobs is not None and not names.config.settings_for(model).logprobs:
+        raise ApiError(400, "unsupported_parameter", f"{model} does not keep logprobs; set logprobs = true for it "
+                                                     "in the models config (MODELS_CONFIG)", param="logprobs")
+    return model, request
+
+
 def _generate(chat: bool):
     body = json_body()
-    refuse_unknown(body, ACCEPTED)
-    for key, neutral in NEUTRAL.items():
-        if body.get(key) not in neutral:
-            raise ApiError(400, "unsupported_parameter", f"{key}={body.get(key)!r} is not supported by model-swap")
-    if not chat and not isinstance(body.get("prompt"), str):
-        raise ApiError(400, "invalid_request", "prompt must be one string")
-    generation = parse_generation(body, chat=chat)
+    model, request = _parse(body, chat)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise ApiError(400, "invalid_request", "stream must be true or false")
+        raise ApiError(400, "invalid_request", "stream must be true or false", param="stream")
+    with_usage = fmt.include_usage(body)
     keep_alive_s = keep_alive_of(body)
     store = state.core()
-    model = store.catalog.check_name(body.get("model"))
     outcome = begin_request(model)
     ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     base = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model}
 
+    def logprobs(pieces: list[dict] | None, offset: int = 0) -> dict | None:
+        return fmt.chat_logprobs(pieces) if chat else fmt.completion_logprobs(pieces, offset)
+
     if not stream:
-        forward = start_generation(store, model, generation, "ndjson", keep_alive_s, outcome)
-        try:
-            texts, summary = [], {}
-            for event in _events(forward):
-                if "text" in event:
-                    texts.append(event["text"])
-                else:
-                    summary = event
-        finally:
-            forward.close()
-        body = dict(base, choices=[_choice(chat, "".join(texts), summary.get("finish_reason"), False)])
-        if (usage := _usage(summary)) is not None:
-            body["usage"] = usage
-        return forward.attach(jsonify(body))
+        forward = start_generation(store, model, request, "ndjson", keep_alive_s, outcome)
+        done = collect(forward)
+        answer = dict(base, choices=[_choice(chat, done.text, done.summary.get("finish_reason"), False,
+                                             logprobs(done.logprobs))])
+        if (counts := usage(done.summary)) is not None:
+            answer["usage"] = counts
+        response = forward.attach(jsonify(answer))
+        response.headers.update(worker_headers(forward))
+        return response
 
     chunk_base = dict(base, object="chat.completion.chunk" if chat else "text_completion")
+    if with_usage:
+        chunk_base["usage"] = None  # OpenAI's shape: null on every chunk but the last
+
+    def frame(choices: list[dict], **extra) -> str:
+        return f"data: {json.dumps(dict(chunk_base, choices=choices, **extra))}\n\n"
 
     def sse(forward: Forward) -> Iterator[str]:
         if chat:
-            first = dict(chunk_base, choices=[dict(_choice(True, None, None, True), delta={"role": "assistant"})])
-            yield f"data: {json.dumps(first)}\n\n"
-        for event in _events(forward):
+            yield frame([dict(_choice(True, None, None, True, None), delta={"role": "assistant"})])
+        offset = 0
+        for event in events(forward):
             if "text" in event:
-                yield f"data: {json.dumps(dict(chunk_base, choices=[_choice(chat, event['text'], None, True)]))}\n\n"
+                yield frame([_choice(chat, event["text"], None, True, logprobs(event.get("logprobs"), offset))])
+                offset += len(event["text"])
             else:
-                last = dict(chunk_base, choices=[_choice(chat, None if chat else '', event.get('finish_reason'), True)])
-                yield f"data: {json.dumps(last)}\n\n"
+                yield frame([_choice(chat, None if chat else "", event.get("finish_reason"), True, None)])
+                if with_usage:
+                    yield frame([], usage=usage(event))
         yield "data: [DONE]\n\n"
 
-    pending = PendingForward(store, model, generation, "ndjson", keep_alive_s, outcome)
+    pending = PendingForward(store, model, request, "ndjson", keep_alive_s, outcome)
     if pending.wait(WAIT_BEFORE_PROGRESS_S):
         forward = pending.result()  # an error here is answered with its status, as without streaming
-        return forward.attach(Response(sse(forward), mimetype="text/event-stream"))
+        response = forward.attach(Response(sse(forward), mimetype="text/event-stream"))
+        response.headers.update(worker_headers(forward))
+        return response
     pending.take_over_line()
 
     def waiting_sse() -> Iterator[str]:
@@ -126,7 +121,7 @@ def _generate(chat: bool):
             try:
                 forward = pending.result()
             except ApiError as err:
-                yield f"data: {json.dumps({'error': {'code': err.code, 'message': err.message}})}\n\n"
+                yield f"data: {json.dumps(err.to_json())}\n\n"
                 return
             o = forward.outcome
             yield (f": x-cache-action={o.action} evicted={','.join(o.evicted)} unloaded={','.join(o.unloaded)}"
@@ -143,20 +138,37 @@ def _generate(chat: bool):
 
 @bp.post("/completions")
 def completions():
-    """OpenAI completions: {"model", "prompt", "stream", "keep_alive"} and the sampling fields (GENERATION_FIELDS)."""
+    """OpenAI completions: {"model", "prompt", "stream", "logprobs", "keep_alive", ...} and the sampling fields."""
     return _generate(chat=False)
 
 
 @bp.post("/chat/completions")
 def chat_completions():
-    """OpenAI chat completions: {"model", "messages", "stream", "keep_alive"} and the sampling fields."""
+    """OpenAI chat completions: {"model", "messages", "stream", "logprobs", "keep_alive", ...} and the sampling
+    fields."""
     return _generate(chat=True)
+
+
+def _model_object(model_id: str, file: str, aliases: tuple[str, ...], is_file: bool) -> dict:
+    created = int((model_names().catalog.root / file).stat().st_mtime)
+    obj = {"id": model_id, "object": "model", "created": created, "owned_by": "model-swap"}
+    return dict(obj, aliases=list(aliases)) if is_file else dict(obj, root=file)
 
 
 @bp.get("/models")
 def list_models():
-    """The store's models, in OpenAI's list shape."""
-    models = state.core().catalog.list()
-    return jsonify({"object": "list", "data": [
-        {"id": m.name, "object": "model", "created": int(m.path.stat().st_mtime), "owned_by": "model-swap"}
-        for m in models]})
+    """The store's models, then each alias as a model of its own (its "root" is the file), in OpenAI's list shape."""
+    names = model_names()
+    files = [(f, names.aliases(f)) for f in names.files()]
+    return jsonify({"object": "list", "data": [_model_object(f, f, a, True) for f, a in files]
+                    + [_model_object(alias, f, a, False) for f, a in files for alias in a]})
+
+
+@bp.get("/models/<path:model_id>")
+def get_model(model_id: str):
+    """One model by any name it answers to; 404 model_not_found (with the closest names) otherwise."""
+    names = model_names()
+    file = names.resolve(model_id)
+    if not names.catalog.has(file):
+        raise ApiError(404, "model_not_found", f"{model_id} names {file}, which is not in the store", param="model")
+    return jsonify(_model_object(model_id, file, names.aliases(file), is_file=model_id == file))

@@ -6,6 +6,7 @@ from flask import Blueprint, Response
 
 from model_store_server import state
 from model_store_server.forwarding import begin_request, keep_alive_of, start_generation
+from model_store_server.model_names import model_names
 from model_swap.web import GENERATION_FIELDS, json_body, parse_generation, refuse_unknown
 
 bp = Blueprint("user", __name__)
@@ -17,9 +18,10 @@ def user_request():
     """Stream generated text for {"prompt", "model", "max_tokens", "keep_alive", ...}; headers tell the cache action."""
     body = json_body()
     refuse_unknown(body, ACCEPTED)
-    generation = parse_generation(body, chat=False)
+    names = model_names()
+    model = names.resolve(body.get("model"))
+    generation = parse_generation(names.config.apply_sampling_defaults(model, body), chat=False)
     keep_alive_s = keep_alive_of(body)
-    core = state.core()
-    model = core.catalog.check_name(body.get("model"))
-    forward = start_generation(core, model, generation, keep_alive_s=keep_alive_s, outcome=begin_request(model))
+    forward = start_generation(state.core(), model, generation, keep_alive_s=keep_alive_s,
+                               outcome=begin_request(model))
     return forward.attach(Response(forward.chunks(), mimetype="text/plain"))

@@ -14,6 +14,7 @@ import requests
 
 from model_swap.digest import BLOCK_SIZE
 from model_swap.errors import ApiError
+from model_swap.model_settings import ModelSettings
 from model_swap.names import check_model_name
 from model_swap.web import GenerationRequest
 
@@ -34,13 +35,15 @@ def _error_from(status: int, body: bytes) -> ApiError:
     try:
         error = json.loads(body)["error"]
         code, message = str(error["code"]), str(error["message"])
-    except (ValueError, KeyError, TypeError):
-        code, message = "worker_error", body[:200].decode("utf-8", "replace")
+        # The worker's figures (a refused load's need_bytes): the store plans with them.
+        details = {k: v for k, v in error.items() if k not in ("code", "message", "type", "param")}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        code, message, details = "worker_error", body[:200].decode("utf-8", "replace"), {}
     if code == "internal_error":
         code = "worker_error"
     if status == 400 and code in USER_INPUT_CODES:
         return ApiError(400, code, message)  # the user's request was at fault, not the worker
-    return ApiError(502, code, f"worker answered {status}: {message}")
+    return ApiError(502, code, f"worker answered {status}: {message}", details=details)
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class LoadedModel:
     estimated_bytes: int | None = None
     active: int = 0
     waiting: int = 0
+    n_ctx: int | None = None  # the context it was opened with (its models-config setting, else the worker's)
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,7 @@ class WorkerState:
             models = (LoadedModel(loaded),) if loaded else ()
             return cls(models, list(body.get("cached", [])), boot_id=body.get("boot_id"))
         models = tuple(LoadedModel(str(m.get("name")), _int(m.get("memory_bytes")), _int(m.get("estimated_bytes")),
-                                   _int(m.get("active")) or 0, _int(m.get("waiting")) or 0)
+                                   _int(m.get("active")) or 0, _int(m.get("waiting")) or 0, _int(m.get("n_ctx")))
                        for m in loaded if isinstance(m, dict))
         return cls(models, list(body.get("cached", [])), _int(memory.get("budget_bytes")),
                    _int(memory.get("used_bytes")), _int(memory.get("max_loaded_models")) or 1, body.get("boot_id"))
@@ -91,8 +95,10 @@ def _int(value) -> int | None:
 class WorkerClient:
     """Talks to one worker; thread-safe (requests.Session pools connections)."""
 
-    def __init__(self, base_url: str, token: str | None, timeout_s: float):
+    def __init__(self, base_url: str, token: str | None, timeout_s: float,
+                 settings_for: Callable[[str], ModelSettings] = lambda name: ModelSettings()):
         self.base_url = base_url.rstrip("/")
+        self._settings_for = settings_for  # per-model load settings (the models config), sent with every load
         self.timeout_s = timeout_s
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session = requests.Session()
@@ -112,7 +118,9 @@ class WorkerClient:
         return WorkerState.from_listing(self._call("GET", "/models").json())
 
     def load_local(self, name: str) -> dict:
-        return self._call("POST", "/load_model_from_local_store", headers={"X-Model-Name": name}).json()
+        settings = self._settings_for(name).to_json()
+        return self._call("POST", "/load_model_from_local_store", headers={"X-Model-Name": name},
+                          json={"settings": settings} if settings else None).json()
 
     def delete(self, name: str) -> bool:
         """Delete a cached model; a model already gone counts as deleted."""

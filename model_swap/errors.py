@@ -11,22 +11,40 @@ from werkzeug.exceptions import HTTPException
 log = logging.getLogger(__name__)
 
 
+def error_type(status: int) -> str:
+    """OpenAI's error type for a status, so its SDKs (and tools built on them) classify our errors."""
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
 class ApiError(Exception):
-    """An error with its own HTTP status, stable snake_case code, headers and extra fields."""
+    """An error with its own HTTP status, stable snake_case code and headers; optionally the faulty
+    parameter and details for scripts (e.g. the available model names)."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
-                 details: dict | None = None):
+                 param: str | None = None, details: dict | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.param = param
         # Extra fields of the error object, figures a client can act on (the bytes a load needs).
         self.details = details or {}
 
+    def to_json(self) -> dict:
+        """The envelope: our code and message, the type and param OpenAI clients read, then any details."""
+        return {"error": {**self.details, "code": self.code, "message": self.message,
+                          "type": error_type(self.status), "param": self.param}}
+
     def to_response(self):
         """Render as the JSON envelope."""
-        response = jsonify({"error": {**self.details, "code": self.code, "message": self.message}})
+        response = jsonify(self.to_json())
         response.status_code = self.status
         response.headers.update(self.headers)
         return response

@@ -38,6 +38,7 @@ say() { printf '[serve] %s\n' "$*" >&2; }
 WORKER_PORT="${WORKER_PORT:-8080}"
 STORE_PORT="${STORE_PORT:-8000}"
 export MODELS_DIR="${MODELS_DIR:-$REPO/models}"
+export MODELS_CONFIG="${MODELS_CONFIG-$REPO/models.toml}"  # names and per-model settings; MODELS_CONFIG= for none
 # One cache and one run folder per instance: two serve.sh on other ports must not share (and
 # reconcile away) each other's models.
 export MODEL_CACHE_DIR="${MODEL_CACHE_DIR:-$REPO/model_cache/$STORE_PORT}"

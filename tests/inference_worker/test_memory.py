@@ -114,3 +114,18 @@ def test_rss_is_this_process():
     status = Path("/proc/self/status").read_text()
     vm_rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) * 1024
     assert process_rss_bytes() == pytest.approx(vm_rss, rel=0.05)
+
+
+def test_logprobs_add_the_logits_table_llama_cpp_python_keeps(make_model, tmp_path):
+    from inference_worker.engine import open_llama
+
+    path = make_model(tmp_path, "t.gguf", seed=5)
+    llm = open_llama(path, 512, 0, 1, 1, logits_all=True)
+    try:
+        table = llm.scores.nbytes  # one float32 row per context position, written as the context fills
+    finally:
+        llm.close()
+    header = read_header(path)
+    plain, with_logits = estimate_model_memory(header, 512), estimate_model_memory(header, 512, logits_all=True)
+    assert plain.logits == 0 and with_logits.logits == table
+    assert with_logits.total == plain.total + table

@@ -84,6 +84,24 @@ def test_cache_only_then_load_from_local_store(worker, model_a):
     assert again.status_code == 200 and again.json()["already_loaded"] is True
 
 
+def test_load_from_local_store_applies_the_settings_in_its_body(worker, model_a):
+    _upload(worker.url, "a.gguf", model_a.read_bytes())
+    load = requests.post(worker.url + "/load_model_from_local_store", headers={"X-Model-Name": "a.gguf"},
+                         json={"settings": {"n_ctx": 64, "chat_template": "chatml"}})
+    assert load.status_code == 200 and load.json()["already_loaded"] is False
+    entry = requests.get(worker.url + "/models").json()["loaded"][0]
+    assert (entry["n_ctx"], entry["chat_template"]) == (64, "config:chatml")
+    assert entry["settings"] == {"n_ctx": 64, "chat_template": "chatml"}
+    r = requests.post(worker.url + "/infer", json={"messages": [{"role": "user", "content": "x" * 500}],
+                                                   "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"  # 64, not the worker's N_CTX
+    bad = requests.post(worker.url + "/load_model_from_local_store", headers={"X-Model-Name": "a.gguf"},
+                        json={"settings": {"n_ctx": "big"}})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"
+    assert bad.json()["error"]["param"] == "settings"
+    assert requests.get(worker.url + "/models").json()["loaded"][0]["n_ctx"] == 64  # a refused load changes nothing
+
+
 def test_load_from_local_store_unknown_is_404(worker):
     r = requests.post(worker.url + "/load_model_from_local_store", headers={"X-Model-Name": "nope.gguf"})
     assert r.status_code == 404

@@ -28,8 +28,10 @@ def store(tmp_path_factory, _tiny_model_pool):
 
 
 @pytest.mark.parametrize("path,body,status,code,closest", [
-    ("/user_request", {"prompt": "hi", "model": "llama3"}, 400, "invalid_model_name", []),
-    ("/user_request", {"prompt": "hi", "model": "smollm2"}, 400, "invalid_model_name", [REAL]),
+    # A name without .gguf is looked up (file stem, config name) rather than refused: unknown, it is 404.
+    ("/user_request", {"prompt": "hi", "model": "llama3"}, 404, "model_not_found", []),
+    ("/user_request", {"prompt": "hi", "model": "smollm2"}, 404, "model_not_found", [REAL]),
+    ("/user_request", {"prompt": "hi", "model": "../a.gguf"}, 400, "invalid_model_name", ["a.gguf"]),
     ("/user_request", {"prompt": "hi"}, 400, "invalid_model_name", []),
     ("/user_request", {"prompt": "hi", "model": "gemma.gguf"}, 404, "model_not_found", ["gemma-3-270m-q4_k_m.gguf"]),
     ("/v1/completions", {"prompt": "hi", "model": "SmolLM2-135M-Instruct.gguf"}, 404, "model_not_found", [REAL]),

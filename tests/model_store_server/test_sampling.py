@@ -54,6 +54,17 @@ def test_stop_ends_the_text_before_the_stop_string(client):
     assert done.choices[0].text == text[: text.index(stop)] and done.choices[0].finish_reason == "stop"
 
 
+def test_stop_in_a_chat_joins_the_templates_own_stop_strings(client):
+    def chat(**kw):
+        return client.chat.completions.create(model="a.gguf", messages=[{"role": "user", "content": "hello"}],
+                                              max_tokens=30, temperature=0, **kw).choices[0]
+
+    text = chat().message.content
+    stop = text[10:13]
+    done = chat(stop=[stop, "\nUser:"])  # "\nUser:" is the plain template's own: given twice, used once
+    assert done.message.content == text[: text.index(stop)] and done.finish_reason == "stop"
+
+
 @pytest.mark.parametrize("penalty", ["presence_penalty", "frequency_penalty"])
 def test_penalties_change_greedy_text(client, penalty):
     assert complete(client, temperature=0, max_tokens=30, **{penalty: 2.0}) != complete(client, temperature=0,
@@ -70,7 +81,7 @@ def test_max_completion_tokens_bounds_the_tokens(client):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
-@pytest.mark.parametrize("extra", [{"logit_bias": {"50": 10}}, {"stream_options": {"include_usage": True}},
+@pytest.mark.parametrize("extra", [{"logit_bias": {"50": 10}}, {"n": 2},
                                    {"parallel_tool_calls": True}, {"no_such_parameter": 1}])
 def test_parameters_without_effect_are_refused(store, extra):
     body = {"model": "a.gguf", "prompt": "hi", "max_tokens": 2, "stream": True, **extra}
