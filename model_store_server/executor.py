@@ -367,7 +367,10 @@ class Executor:
             self.belief.on_worker_error(err)
             self.refresh()
             snap = self.belief.snapshot()
-            if snap.budget_bytes is not None:
+            need = err.details.get("need_bytes")  # the worker's estimate for this model, with its settings
+            if isinstance(need, int) and not isinstance(need, bool) and need > 0:
+                self.belief.learn_need(name, need)
+            elif snap.budget_bytes is not None:
                 self.belief.learn_need(name, snap.budget_bytes - (snap.used_bytes or 0) + 1)
             log.warning("[swap] the worker has no memory for %s yet; making more room", name)
             raise _NeedRoom() from err

@@ -193,6 +193,20 @@ def test_worker_refusing_for_memory_makes_the_store_unload_more(tmp_path):
     assert fake.calls.count("refuse a.gguf") == 0
 
 
+def test_the_workers_estimate_in_a_refusal_sizes_the_next_plan(tmp_path):
+    # d needs four times its file size (its settings, say); the worker's 507 says how much: the store
+    # frees that much at once instead of one model per refusal.
+    fake = FakeWorker(max_loaded=4, budget_bytes=20_000,
+                      memory_of=lambda name, size: 4 * size if name == "d.gguf" else size)
+    app, fake = fake_store(tmp_path, fake, models=("a.gguf", "b.gguf", "c.gguf", "d.gguf"), max_cache_size=4)
+    client = app.test_client()
+    for model in ("a.gguf", "b.gguf", "c.gguf"):
+        assert ask(client, model).status_code == 200
+    r = ask(client, "d.gguf")
+    assert r.status_code == 200 and names(r.headers["X-Cache-Unloaded"]) == ["a.gguf", "b.gguf", "c.gguf"]
+    assert fake.calls.count("refuse d.gguf") == 1 and list(fake.loaded) == ["d.gguf"]
+
+
 def test_pinned_models_fill_memory_then_other_requests_are_refused_with_507(tmp_path):
     app, fake = fake_store(tmp_path, FakeWorker(max_loaded=1), max_cache_size=3, pinned_models=("a.gguf",))
     client = app.test_client()

@@ -21,9 +21,9 @@ from model_store_server.worker_client import LoadedModel, WorkerState, WorkerUna
 from model_swap.errors import ApiError
 
 
-def worker_error(status: int, code: str, message: str = "") -> ApiError:
-    """What WorkerClient raises for a worker error answer."""
-    return ApiError(502, code, f"worker answered {status}: {message or code}")
+def worker_error(status: int, code: str, message: str = "", details: dict | None = None) -> ApiError:
+    """What WorkerClient raises for a worker error answer (with the worker's figures as details)."""
+    return ApiError(502, code, f"worker answered {status}: {message or code}", details=details)
 
 
 @dataclass
@@ -164,8 +164,8 @@ class FakeWorker:
                     self.loaded.clear()
                 else:
                     self.calls.append(f"refuse {name}")
-                    raise worker_error(507, "insufficient_memory",
-                                       f"{name} needs {need} bytes, {self._free()} free")
+                    raise worker_error(507, "insufficient_memory", f"{name} needs {need} bytes, {self._free()} free",
+                                       {"need_bytes": need, "free_bytes": self._free()})
             now = time.monotonic()
             self.loaded[name] = _Model(need, now, now)
             self.disk_used[name] = now
