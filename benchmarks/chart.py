@@ -1,0 +1,98 @@
+"""bench.png: one panel per workload, every system side by side, the floor as a dashed line."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from benchmarks.client import median
+from benchmarks.report import MIB, SELF
+
+COLORS = {"model-swap": "#1f77b4", "llama_cpp.server": "#ff7f0e", "llama-server-1": "#2ca02c",
+          "llama-server-2": "#98df8a"}
+FLOOR_STYLE = {"color": "black", "linestyle": "--", "linewidth": 1}
+
+
+def _bars(ax, groups: list[str], series: dict[str, list[float]], floors: list[float] | None, unit: str) -> None:
+    """Grouped bars: one group per x label, one bar per system; the floor of each group dashed."""
+    n = max(1, len(series))
+    width = 0.8 / n
+    for i, (key, values) in enumerate(series.items()):
+        xs = [g + (i - (n - 1) / 2) * width for g in range(len(groups))]
+        heights = [0 if math.isnan(v) else v for v in values]
+        bars = ax.bar(xs, heights, width, label=key, color=COLORS.get(key, None))
+        for bar, v in zip(bars, values):
+            if not math.isnan(v):
+                ax.annotate(f"{v:.3f}" if unit == "s" else f"{v:.0f}", (bar.get_x() + bar.get_width() / 2, v),
+                            ha="center", va="bottom", fontsize=6)
+    for g, floor in enumerate(floors or []):
+        if floor is not None and not math.isnan(floor):
+            ax.hlines(floor, g - 0.45, g + 0.45, **FLOOR_STYLE, label="floor" if g == 0 else None)
+    ax.set_xticks(range(len(groups)), groups, fontsize=7)
+    ax.set_ylabel(unit)
+    ax.tick_params(axis="y", labelsize=7)
+
+
+def _ok(results: dict) -> dict[str, dict]:
+    return {k: r for k, r in results["systems"].items() if r.get("status") == "ok"}
+
+
+def draw(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = _ok(results)
+    models = [m["name"] for m in results["models"]]
+    short = [m.split(".")[0].split("-q4")[0][:16] for m in models]
+    floors = results["floors"]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    (warm, noswap, tput), (mixed, mem, moved) = axes
+
+    _bars(warm, [f"swap to {short[0]}", f"swap to {short[1]}"],
+          {k: [median(r["warm_swap"]["ttft_s"][m]) for m in models[:2]] for k, r in systems.items()},
+          [median(floors["swap_ttft_s"][m]) for m in models[:2]], "s")
+    warm.set_title("1. Warm swap: TTFT, median (lower is better)", fontsize=9)
+
+    _bars(noswap, ["no swap"], {k: [median(r["no_swap"]["ttft_s"])] for k, r in systems.items()},
+          [median(floors["ttft_s"])], "s")
+    noswap.set_title("3. No swap: TTFT, median (lower is better)", fontsize=9)
+
+    _bars(tput, ["1 stream", "8 streams"],
+          {k: [median(r["throughput"][n]["tokens_per_s"]) for n in ("1", "8")] for k, r in systems.items()},
+          [median(floors["tokens_per_s"])] * 2, "tok/s")
+    tput.set_title("4. Throughput, 64 tokens each (higher is better)", fontsize=9)
+
+    _bars(mixed, ["p50", "p95", "max"],
+          {k: [r["mixed"]["p50_s"], r["mixed"]["p95_s"], r["mixed"]["max_s"]] for k, r in systems.items()}, None, "s")
+    mixed.set_title("5. Mixed load: latency of whole requests (lower is better)", fontsize=9)
+
+    _bars(mem, ["before", "after swaps"],
+          {k: [r["memory"]["before_bytes"] / MIB, r["memory"]["after_bytes"] / MIB] for k, r in systems.items()},
+          [None, floors["rss_one_model_bytes"] / MIB], "MiB")
+    mem.set_title("6. Memory: RSS (lower is better)", fontsize=9)
+
+    own = systems.get(SELF, {})
+    if own.get("transfer"):
+        t, cold = own["transfer"], own["cold_swap"]["ttft_s"]
+        raw = floors["raw_transfer_s"]
+        _bars(moved, ["transfer (prefetch)", f"cold swap {short[0]}", f"cold swap {short[1]}"],
+              {SELF: [median(t["prefetch_s"]), median(cold[models[0]]), median(cold[models[1]])]},
+              [median(t["floor_s"])] + [median(raw[m]) + median(floors["swap_ttft_s"][m]) for m in models[:2]], "s")
+    moved.set_title("7 and 2. Transfer and cold swap vs their floors (lower is better)", fontsize=9)
+
+    handles, labels = {}, {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    missing = [f"{r['label']}: {r['status']}" for r in results["systems"].values() if r.get("status") != "ok"]
+    fig.legend(handles.values(), [results["systems"].get(k, {}).get("label", k) for k in handles],
+               loc="upper center", bbox_to_anchor=(0.5, 0.965), ncol=len(handles), fontsize=8, frameon=False)
+    title = f"model-swap vs peers, {results['meta']['date']}, {results['meta']['machine'].split(', load')[0]}"
+    fig.suptitle(title, fontsize=10, y=0.995)
+    if missing:
+        fig.text(0.01, 0.005, "Not run: " + "; ".join(missing), fontsize=7, color="darkred")
+    fig.tight_layout(rect=(0, 0.02, 1, 0.93))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
