@@ -30,6 +30,10 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = [REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf", REPO / "models" / "gemma-3-270m-q4_k_m.gguf"]
 
 
+WORKLOADS = ("warm_swap", "no_swap", "throughput", "cold_swap", "transfer", "memory", "mixed")
+NEEDS_FLOORS = {"warm_swap", "no_swap", "throughput", "cold_swap", "memory"}
+
+
 @dataclass(frozen=True)
 class Plan:
     """How much of each workload to run."""
@@ -43,6 +47,7 @@ class Plan:
     mixed_tokens: int
     memory_swaps: int
     transfer_reps: int
+    workloads: tuple[str, ...]
 
     @classmethod
     def of(cls, args: argparse.Namespace) -> "Plan":
@@ -57,14 +62,16 @@ class Plan:
             mixed_tokens=8,
             memory_swaps=args.memory_swaps or (10 if quick else 100),
             transfer_reps=args.transfer_reps or (3 if quick else 9),
+            workloads=tuple(args.workloads),
         )
 
     def steps(self, system: System) -> int:
         """Progress-bar units one system takes."""
-        n = 2 * self.reps + self.reps + self.throughput_reps * len(self.streams) + self.memory_swaps + 1
+        per = {"warm_swap": 2 * self.reps, "no_swap": self.reps, "throughput": self.throughput_reps * len(self.streams),
+               "memory": self.memory_swaps, "mixed": 1}
         if system.can_cold_swap:
-            n += 2 * self.reps + self.transfer_reps
-        return n
+            per.update(cold_swap=2 * self.reps, transfer=self.transfer_reps)
+        return sum(per.get(w, 0) for w in self.workloads)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -77,6 +84,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--systems", nargs="+", choices=[s.key for s in all_systems()],
                    help="run only these (default: all)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results", help="where bench.md/png/json go")
+    p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS),
+                   help="run only these (default: all)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="llama.cpp threads for every system and floor (default: all cores)")
     p.add_argument("--reps", type=int, help="repetitions of each timed request (quick 3, full 7)")
@@ -119,41 +128,50 @@ def run_system(system: System, models: list[Path], workdir: Path, plan: Plan, th
         return result
     tick = lambda: bar.update(1)  # noqa: E731
     ids = [system.model_id(m) for m in models]
+    largest = max(models[:2], key=lambda p: p.stat().st_size)
+    steps = [
+        ("warm_swap", lambda: workloads.warm_swap(system, models[:2], plan.reps, tick)),
+        ("no_swap", lambda: workloads.no_swap(system, ids[0], plan.reps, tick)),
+        *((f"throughput_{n}", lambda n=n: workloads.throughput(system, ids[0], n, plan.stream_tokens,
+                                                               plan.throughput_reps, tick)) for n in plan.streams),
+        *((("cold_swap", lambda: workloads.cold_swap(system, models[:2], plan.reps, tick)),
+           ("transfer", lambda: transfer.measure(system.url, system.make_cold, largest, workdir, plan.transfer_reps,
+                                                 tick))) if system.can_cold_swap else ()),
+        ("memory", lambda: workloads.memory(system, ids[:2], plan.memory_swaps, tick)),
+        ("mixed", lambda: _mixed(system, ids, plan, tick)),
+    ]
+    steps = [(name, step) for name, step in steps
+             if name in plan.workloads or (name.startswith("throughput_") and "throughput" in plan.workloads)]
     started = time.perf_counter()
+    failures = []
     try:
         bar.set_postfix_str(f"{system.key}: starting")
         (workdir / system.key).mkdir()
         system.start(models, workdir / system.key, threads)
-        bar.set_postfix_str(f"{system.key}: warm swap")
-        result["warm_swap"] = workloads.warm_swap(system, ids[:2], plan.reps, tick)
-        bar.set_postfix_str(f"{system.key}: no swap")
-        result["no_swap"] = workloads.no_swap(system, ids[0], plan.reps, tick)
-        bar.set_postfix_str(f"{system.key}: throughput")
-        result["throughput"] = {str(n): workloads.throughput(system, ids[0], n, plan.stream_tokens,
-                                                             plan.throughput_reps, tick) for n in plan.streams}
-        if system.can_cold_swap:
-            bar.set_postfix_str(f"{system.key}: cold swap")
-            result["cold_swap"] = workloads.cold_swap(system, ids[:2], plan.reps, tick)
-            bar.set_postfix_str(f"{system.key}: transfer")
-            largest = max(models[:2], key=lambda p: p.stat().st_size)
-            result["transfer"] = transfer.measure(system.url, system.make_cold, largest, workdir, plan.transfer_reps,
-                                                  tick)
-        bar.set_postfix_str(f"{system.key}: memory")
-        result["memory"] = workloads.memory(system, ids[:2], plan.memory_swaps, tick)
-        if system.can_cold_swap:
-            system.make_cold()  # the mixed load starts from an empty cache, as its LRU and Belady figures do
-        bar.set_postfix_str(f"{system.key}: mixed load")
-        result["mixed"] = mixed.run(system.url, ids, plan.mixed_clients, plan.mixed_seconds, plan.mixed_tokens,
-                                    capacity=getattr(system, "max_cache_size", 2))
-        tick()
-        result["status"] = "ok"
-    except Exception as err:  # one system failing must not lose the others' results
+        for name, step in steps:
+            bar.set_postfix_str(f"{system.key}: {name}")
+            try:
+                result[name] = step()
+            except Exception as err:  # one workload failing must not lose the others' results
+                log.exception("%s: %s failed", system.label, name)
+                failures.append(f"{name}: {type(err).__name__}: {err}"[:200])
+        result["status"] = "ok" if not failures else "partly failed: " + "; ".join(failures)
+    except Exception as err:
         log.exception("%s failed", system.label)
         result["status"] = f"failed: {type(err).__name__}: {err}"[:300]
     finally:
         system.stop()
     result["notes"] = system.notes
     result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def _mixed(system: System, ids: list[str], plan: Plan, tick) -> dict:
+    if system.can_cold_swap:
+        system.make_cold()  # the mixed load starts from an empty cache, as its LRU and Belady figures do
+    result = mixed.run(system.url, ids, plan.mixed_clients, plan.mixed_seconds, plan.mixed_tokens,
+                       capacity=getattr(system, "max_cache_size", 2))
+    tick()
     return result
 
 
@@ -177,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         with logging_redirect_tqdm(), tqdm(total=1 + sum(plan.steps(s) for s in systems), unit="step",
                                            desc="benchmarks", file=sys.stderr) as bar:
             bar.set_postfix_str("floors (in-process)")
-            results["floors"] = floors.run_in_child(models[:2], args.threads, plan.reps, plan.stream_tokens, 2048)
-            results["floors"]["raw_transfer_s"] = {
-                m.name: [transfer.raw_floor_s(m, workdir) for _ in range(plan.reps)] for m in models[:2]}
+            results["floors"] = {"threads": args.threads}
+            if NEEDS_FLOORS & set(plan.workloads):
+                results["floors"] = floors.run_in_child(models[:2], args.threads, plan.reps, plan.stream_tokens, 2048)
+                results["floors"]["raw_transfer_s"] = {
+                    m.name: [transfer.raw_floor_s(m, workdir) for _ in range(plan.reps)] for m in models[:2]}
             bar.update(1)
             for system in systems:
                 results["systems"][system.key] = run_system(system, models, workdir, plan, args.threads, bar)

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from benchmarks.client import median
-from benchmarks.report import MIB, SELF
+from benchmarks.report import MIB, SELF, ran
 
 COLORS = {"model-swap": "#1f77b4", "llama_cpp.server": "#ff7f0e", "llama-server-1": "#2ca02c",
           "llama-server-2": "#98df8a"}
@@ -33,8 +33,13 @@ def _bars(ax, groups: list[str], series: dict[str, list[float]], floors: list[fl
     ax.tick_params(axis="y", labelsize=7)
 
 
-def _ok(results: dict) -> dict[str, dict]:
-    return {k: r for k, r in results["systems"].items() if r.get("status") == "ok"}
+def _get(result: dict, *keys, default=math.nan):
+    """result[k1][k2]..., or NaN where a workload did not run."""
+    for key in keys:
+        if not isinstance(result, dict) or key not in result:
+            return default
+        result = result[key]
+    return result
 
 
 def draw(results: dict, path: Path) -> None:
@@ -43,7 +48,7 @@ def draw(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    systems = _ok(results)
+    systems = {k: r for k, r in results["systems"].items() if ran(r)}
     models = [m["name"] for m in results["models"]]
     short = [m.split(".")[0].split("-q4")[0][:16] for m in models]
     floors = results["floors"]
@@ -51,42 +56,44 @@ def draw(results: dict, path: Path) -> None:
     (warm, noswap, tput), (mixed, mem, moved) = axes
 
     _bars(warm, [f"swap to {short[0]}", f"swap to {short[1]}"],
-          {k: [median(r["warm_swap"]["ttft_s"][m]) for m in models[:2]] for k, r in systems.items()},
-          [median(floors["swap_ttft_s"][m]) for m in models[:2]], "s")
+          {k: [median(_get(r, "warm_swap", "ttft_s", m, default=[])) for m in models[:2]] for k, r in systems.items()},
+          [median(_get(floors, "swap_ttft_s", m, default=[])) for m in models[:2]], "s")
     warm.set_title("1. Warm swap: TTFT, median (lower is better)", fontsize=9)
 
-    _bars(noswap, ["no swap"], {k: [median(r["no_swap"]["ttft_s"])] for k, r in systems.items()},
-          [median(floors["ttft_s"])], "s")
+    _bars(noswap, ["no swap"], {k: [median(_get(r, "no_swap", "ttft_s", default=[]))] for k, r in systems.items()},
+          [median(floors.get("ttft_s", []))], "s")
     noswap.set_title("3. No swap: TTFT, median (lower is better)", fontsize=9)
 
     _bars(tput, ["1 stream", "8 streams"],
-          {k: [median(r["throughput"][n]["tokens_per_s"]) for n in ("1", "8")] for k, r in systems.items()},
-          [median(floors["tokens_per_s"])] * 2, "tok/s")
+          {k: [median(_get(r, f"throughput_{n}", "tokens_per_s", default=[])) for n in (1, 8)]
+           for k, r in systems.items()},
+          [median(floors.get("tokens_per_s", []))] * 2, "tok/s")
     tput.set_title("4. Throughput, 64 tokens each (higher is better)", fontsize=9)
 
     _bars(mixed, ["p50", "p95", "max"],
-          {k: [r["mixed"]["p50_s"], r["mixed"]["p95_s"], r["mixed"]["max_s"]] for k, r in systems.items()}, None, "s")
+          {k: [_get(r, "mixed", q) for q in ("p50_s", "p95_s", "max_s")] for k, r in systems.items()}, None, "s")
     mixed.set_title("5. Mixed load: latency of whole requests (lower is better)", fontsize=9)
 
     _bars(mem, ["before", "after swaps"],
-          {k: [r["memory"]["before_bytes"] / MIB, r["memory"]["after_bytes"] / MIB] for k, r in systems.items()},
-          [None, floors["rss_one_model_bytes"] / MIB], "MiB")
+          {k: [_get(r, "memory", q) / MIB for q in ("before_bytes", "after_bytes")] for k, r in systems.items()},
+          [None, floors.get("rss_one_model_bytes", math.nan) / MIB], "MiB")
     mem.set_title("6. Memory: RSS (lower is better)", fontsize=9)
 
     own = systems.get(SELF, {})
-    if own.get("transfer"):
-        t, cold = own["transfer"], own["cold_swap"]["ttft_s"]
-        raw = floors["raw_transfer_s"]
+    if own:
+        cold = [median(_get(own, "cold_swap", "ttft_s", m, default=[])) for m in models[:2]]
+        cold_floor = [median(_get(floors, "raw_transfer_s", m, default=[]))
+                      + median(_get(floors, "swap_ttft_s", m, default=[])) for m in models[:2]]
         _bars(moved, ["transfer (prefetch)", f"cold swap {short[0]}", f"cold swap {short[1]}"],
-              {SELF: [median(t["prefetch_s"]), median(cold[models[0]]), median(cold[models[1]])]},
-              [median(t["floor_s"])] + [median(raw[m]) + median(floors["swap_ttft_s"][m]) for m in models[:2]], "s")
+              {SELF: [median(_get(own, "transfer", "prefetch_s", default=[]))] + cold},
+              [median(_get(own, "transfer", "floor_s", default=[]))] + cold_floor, "s")
     moved.set_title("7 and 2. Transfer and cold swap vs their floors (lower is better)", fontsize=9)
 
     handles, labels = {}, {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
-    missing = [f"{r['label']}: {r['status']}" for r in results["systems"].values() if r.get("status") != "ok"]
+    missing = [f"{r['label']}: {r['status']}" for r in results["systems"].values() if not ran(r)]
     fig.legend(handles.values(), [results["systems"].get(k, {}).get("label", k) for k in handles],
                loc="upper center", bbox_to_anchor=(0.5, 0.965), ncol=len(handles), fontsize=8, frameon=False)
     title = f"model-swap vs peers, {results['meta']['date']}, {results['meta']['machine'].split(', load')[0]}"

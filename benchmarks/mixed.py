@@ -7,8 +7,6 @@ import threading
 import time
 from collections import Counter
 
-import requests
-
 from benchmarks.client import PROMPT, Completion, complete, percentile
 
 WEIGHTS = (3, 2, 1)  # a hot, a warm and a cold model, as real traffic is rarely uniform
@@ -64,15 +62,16 @@ def run(url: str, model_ids: list[str], clients: int, seconds: float, max_tokens
 
     def client(index: int) -> None:
         rng = random.Random(seed * 1000 + index)
-        with requests.Session() as session:
-            n = 0
-            while time.perf_counter() < deadline:
-                model = rng.choices(model_ids, weights)[0]
-                result = complete(url, model, max_tokens, f"[{index}.{n}] {PROMPT}", session=session)
-                n += 1
-                with lock:
-                    records.append((model, result))
-                tick()
+        n = 0
+        while time.perf_counter() < deadline:
+            model = rng.choices(model_ids, weights)[0]
+            # A new connection per request: llama-server's router at times closes a reused
+            # keep-alive connection without an answer, which would count a client artefact as an error.
+            result = complete(url, model, max_tokens, f"[{index}.{n}] {PROMPT}")
+            n += 1
+            with lock:
+                records.append((model, result))
+            tick()
 
     started = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]

@@ -65,8 +65,9 @@ def _values(result: dict, models: list[str]) -> dict[str, float]:
         v.update(cold_a=median(cold["ttft_s"][a]), cold_b=median(cold["ttft_s"][b]))
     if no_swap := result.get("no_swap"):
         v["no_swap"] = median(no_swap["ttft_s"])
-    for n, run in (result.get("throughput") or {}).items():
-        v[f"tps_{n}"] = median(run["tokens_per_s"])
+    for key, run in result.items():
+        if key.startswith("throughput_"):
+            v[f"tps_{run['streams']}"] = median(run["tokens_per_s"])
     if mixed := result.get("mixed"):
         v.update(mixed_p50=mixed["p50_s"], mixed_p95=mixed["p95_s"], mixed_max=mixed["max_s"])
     if memory := result.get("memory"):
@@ -79,20 +80,26 @@ def _values(result: dict, models: list[str]) -> dict[str, float]:
 def _floor_values(results: dict, models: list[str]) -> dict[str, float]:
     f = results["floors"]
     a, b = models[0], models[1]
-    swap, raw = f["swap_ttft_s"], f["raw_transfer_s"]
-    v = {"warm_a": median(swap[a]), "warm_a_p90": percentile(swap[a], 90), "warm_b": median(swap[b]),
-         "warm_b_p90": percentile(swap[b], 90), "cold_a": median(raw[a]) + median(swap[a]),
-         "cold_b": median(raw[b]) + median(swap[b]), "no_swap": median(f["ttft_s"]),
-         "tps_1": median(f["tokens_per_s"]), "tps_8": median(f["tokens_per_s"]),
-         "rss_after": f["rss_one_model_bytes"] / MIB}
+    swap, raw = f.get("swap_ttft_s", {}), f.get("raw_transfer_s", {})
+    v = {"warm_a": median(swap.get(a, [])), "warm_a_p90": percentile(swap.get(a, []), 90),
+         "warm_b": median(swap.get(b, [])), "warm_b_p90": percentile(swap.get(b, []), 90),
+         "cold_a": median(raw.get(a, [])) + median(swap.get(a, [])),
+         "cold_b": median(raw.get(b, [])) + median(swap.get(b, [])), "no_swap": median(f.get("ttft_s", [])),
+         "tps_1": median(f.get("tokens_per_s", [])), "tps_8": median(f.get("tokens_per_s", [])),
+         "rss_after": f.get("rss_one_model_bytes", math.nan) / MIB}
     moved = (results["systems"].get(SELF) or {}).get("transfer")
     if moved:  # the floor measured interleaved with the prefetches, not the one at the start
         v["transfer"] = median(moved["floor_s"])
     return v
 
 
+def ran(result: dict) -> bool:
+    """Whether a system started and has results (all of them, or some: status says which failed)."""
+    return result.get("status", "").startswith(("ok", "partly failed"))
+
+
 def _fmt(value: float | None, unit: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None or math.isnan(value):
         return "n/a"
     if unit == "s":
         return f"{value:.3f} s"
@@ -112,7 +119,7 @@ def summary_rows(results: dict) -> list[list[str]]:
     models = [m["name"] for m in results["models"]]
     systems = results["systems"]
     own = _values(systems.get(SELF, {}), models)
-    peers = {k: _values(r, models) for k, r in systems.items() if k != SELF and r.get("status") == "ok"}
+    peers = {k: _values(r, models) for k, r in systems.items() if k != SELF and ran(r)}
     floor = _floor_values(results, models)
     rows = []
     for m in metrics(models):
@@ -122,7 +129,7 @@ def summary_rows(results: dict) -> list[list[str]]:
                      _fmt(own.get(m.key), m.unit),
                      f"{_fmt(best[0], m.unit)} ({best[1]})" if best else "n/a",
                      _ratio(own.get(m.key), best[0] if best else None),
-                     f"{_fmt(floor.get(m.key), m.unit)} ({m.floor})" if m.key in floor else "n/a",
+                     f"{_fmt(floor[m.key], m.unit)} ({m.floor})" if not math.isnan(floor.get(m.key, math.nan)) else "n/a",
                      _ratio(own.get(m.key), floor.get(m.key))])
     return rows
 
@@ -137,22 +144,25 @@ def systems_rows(results: dict) -> list[list[str]]:
     """Every system (and the floor) side by side, or why it did not run."""
     models = [m["name"] for m in results["models"]]
     rows = []
+    nan = math.nan
     for key, r in results["systems"].items():
-        if r.get("status") != "ok":
+        if not ran(r):
             rows.append([r["label"], r.get("status", "?")] + [""] * 7)
             continue
         v = _values(r, models)
-        mix = r["mixed"]
-        errors = sum(mix["errors"].values())
-        memory = r["memory"]
-        rows.append([r["label"] + (f" ({r['notes']})" if r.get("notes") else ""),
-                     f"{_fmt(v['warm_a'], 's')} / {_fmt(v['warm_a_p90'], 's')}",
-                     f"{_fmt(v['warm_b'], 's')} / {_fmt(v['warm_b_p90'], 's')}",
-                     f"{_fmt(v.get('cold_a'), 's')} / {_fmt(v.get('cold_b'), 's')}",
-                     _fmt(v["no_swap"], "s"), f"{_fmt(v.get('tps_1'), 'tok/s')} / {_fmt(v.get('tps_8'), 'tok/s')}",
-                     f"{mix['ok']} ok, {errors} errors; {_fmt(mix['p50_s'], 's')} / {_fmt(mix['p95_s'], 's')} / "
-                     f"{_fmt(mix['max_s'], 's')}",
-                     f"{memory['before_bytes'] / MIB:.0f} → {memory['after_bytes'] / MIB:.0f} MiB",
+        mix = r.get("mixed")
+        memory = r.get("memory")
+        notes = "; ".join(x for x in (r.get("notes"), "" if r["status"] == "ok" else r["status"]) if x)
+        rows.append([r["label"] + (f" ({notes})" if notes else ""),
+                     f"{_fmt(v.get('warm_a', nan), 's')} / {_fmt(v.get('warm_a_p90', nan), 's')}",
+                     f"{_fmt(v.get('warm_b', nan), 's')} / {_fmt(v.get('warm_b_p90', nan), 's')}",
+                     f"{_fmt(v.get('cold_a', nan), 's')} / {_fmt(v.get('cold_b', nan), 's')}",
+                     _fmt(v.get("no_swap", nan), "s"),
+                     f"{_fmt(v.get('tps_1', nan), 'tok/s')} / {_fmt(v.get('tps_8', nan), 'tok/s')}",
+                     f"{mix['ok']} ok, {sum(mix['errors'].values())} errors "
+                     f"{mix['errors'] or ''}; {_fmt(mix['p50_s'], 's')} / {_fmt(mix['p95_s'], 's')} / "
+                     f"{_fmt(mix['max_s'], 's')}" if mix else "n/a",
+                     f"{memory['before_bytes'] / MIB:.0f} → {memory['after_bytes'] / MIB:.0f} MiB" if memory else "n/a",
                      r.get("version", "")])
     f = _floor_values(results, models)
     rows.append(["floor (in-process, same run)", f"{_fmt(f['warm_a'], 's')} / {_fmt(f['warm_a_p90'], 's')}",

@@ -189,7 +189,8 @@ class LlamaCppPythonServer(System):
 
     def start(self, models: list[Path], workdir: Path, threads: int) -> None:
         port = free_port()
-        config = {"host": "127.0.0.1", "port": port, "models": [
+        # interrupt_requests: by default a new request cuts the stream in progress; streams must finish here.
+        config = {"host": "127.0.0.1", "port": port, "interrupt_requests": False, "models": [
             {"model": str(m), "model_alias": self.model_id(m), "n_ctx": N_CTX, "n_threads": threads,
              "n_threads_batch": threads, "verbose": False} for m in models]}
         config_path = workdir / "llama_cpp_server.json"

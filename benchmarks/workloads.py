@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 from benchmarks.client import PROMPT, Completion, complete
 from benchmarks.systems import System
@@ -22,31 +23,29 @@ def _must(result: Completion, what: str) -> Completion:
     return result
 
 
-def warm_swap(system: System, ids: list[str], reps: int, tick=lambda: None) -> dict:
-    """Alternate two models that both are on the system's disk (or in its memory); TTFT per model."""
-    for model in ids:  # untimed: puts both in the cache
-        _must(complete(system.url, model, 1, timeout_s=WARMUP_TIMEOUT_S), f"warm-up of {model}")
-    ttft: dict[str, list[float]] = {m: [] for m in ids}
-    actions: dict[str, list[str]] = {m: [] for m in ids}
-    for i in range(reps):
-        for model in ids:
-            result = _must(complete(system.url, model, SWAP_TOKENS, f"[{i}] {PROMPT}"), f"swap to {model}")
-            ttft[model].append(result.ttft_s)
-            actions[model].append(result.cache_action)
-            tick()
-    return {"ttft_s": ttft, "actions": actions}
+def warm_swap(system: System, models: list[Path], reps: int, tick=lambda: None) -> dict:
+    """Alternate two models that both are on the system's disk (or in its memory); TTFT per model file."""
+    for path in models:  # untimed: puts both in the cache
+        _must(complete(system.url, system.model_id(path), 1, timeout_s=WARMUP_TIMEOUT_S), f"warm-up of {path.name}")
+    return _alternate(system, models, reps, tick, make_cold=False)
 
 
-def cold_swap(system: System, ids: list[str], reps: int, tick=lambda: None) -> dict:
+def cold_swap(system: System, models: list[Path], reps: int, tick=lambda: None) -> dict:
     """A model the system's cache does not hold: transfer, load, first token."""
-    ttft: dict[str, list[float]] = {m: [] for m in ids}
-    actions: dict[str, list[str]] = {m: [] for m in ids}
+    return _alternate(system, models, reps, tick, make_cold=True)
+
+
+def _alternate(system: System, models: list[Path], reps: int, tick, make_cold: bool) -> dict:
+    ttft: dict[str, list[float]] = {m.name: [] for m in models}
+    actions: dict[str, list[str | None]] = {m.name: [] for m in models}
     for i in range(reps):
-        for model in ids:
-            system.make_cold()
-            result = _must(complete(system.url, model, SWAP_TOKENS, f"[{i}] {PROMPT}"), f"cold swap to {model}")
-            ttft[model].append(result.ttft_s)
-            actions[model].append(result.cache_action)
+        for path in models:
+            if make_cold:
+                system.make_cold()
+            result = _must(complete(system.url, system.model_id(path), SWAP_TOKENS, f"[{i}] {PROMPT}"),
+                           f"swap to {path.name}")
+            ttft[path.name].append(result.ttft_s)
+            actions[path.name].append(result.cache_action)
             tick()
     return {"ttft_s": ttft, "actions": actions}
 
