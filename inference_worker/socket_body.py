@@ -16,8 +16,8 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import select
 import socket
+import ssl
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +49,8 @@ def raw_body(environ: dict) -> RawBody | None:
     body = environ.get("wsgi.input")
     reader = getattr(body, "reader", None)
     unreader = getattr(reader, "unreader", None)
-    if (not hasattr(os, "splice") or type(sock) is not socket.socket or unreader is None
+    if (not hasattr(os, "splice") or not isinstance(sock, socket.socket) or isinstance(sock, ssl.SSLSocket)
+            or unreader is None
             or type(reader).__name__ != "LengthReader" or not hasattr(unreader, "take_buffered")
             or getattr(body, "buf", None) is None or body.buf.tell()):
         return None
@@ -148,12 +149,8 @@ class _Flusher(_Follower):
 
 
 def _wait_readable(sock: socket.socket) -> None:
-    """Block until the socket has data, within its own timeout (a non-blocking socket has one)."""
-    timeout = sock.gettimeout()
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
-    if not poller.poll(None if timeout is None else timeout * 1000):
-        raise TimeoutError("no body bytes within the socket's timeout")
+    """Block until the socket has data, by the socket's own rules: its timeout, its exceptions."""
+    sock.recv(1, socket.MSG_PEEK)
 
 
 def splice_into(body: RawBody, fd: int) -> tuple[str, int]:
