@@ -13,6 +13,12 @@ COLORS = {"model-swap": "#1f77b4", "llama_cpp.server": "#ff7f0e", "llama-server-
 FLOOR_STYLE = {"color": "black", "linestyle": "--", "linewidth": 1}
 
 
+def _label(value: float, unit: str) -> str:
+    if unit != "s":
+        return f"{value:.0f}"
+    return f"{value:.1f}" if value >= 10 else f"{value:.2f}" if value >= 1 else f"{value:.3f}"
+
+
 def _bars(ax, groups: list[str], series: dict[str, list[float]], floors: list[float] | None, unit: str) -> None:
     """Grouped bars: one group per x label, one bar per system; the floor of each group dashed."""
     n = max(1, len(series))
@@ -22,9 +28,11 @@ def _bars(ax, groups: list[str], series: dict[str, list[float]], floors: list[fl
         heights = [0 if math.isnan(v) else v for v in values]
         bars = ax.bar(xs, heights, width, label=key, color=COLORS.get(key, None))
         for bar, v in zip(bars, values):
-            if not math.isnan(v):
-                ax.annotate(f"{v:.3f}" if unit == "s" else f"{v:.0f}", (bar.get_x() + bar.get_width() / 2, v),
-                            ha="center", va="bottom", fontsize=6)
+            x = bar.get_x() + bar.get_width() / 2
+            if math.isnan(v):
+                ax.annotate("n/a", (x, 0), ha="center", va="bottom", fontsize=6, color="gray")
+            else:
+                ax.annotate(_label(v, unit), (x, v), ha="center", va="bottom", fontsize=6)
     for g, floor in enumerate(floors or []):
         if floor is not None and not math.isnan(floor):
             ax.hlines(floor, g - 0.45, g + 0.45, **FLOOR_STYLE, label="floor" if g == 0 else None)
@@ -50,12 +58,12 @@ def draw(results: dict, path: Path) -> None:
 
     systems = {k: r for k, r in results["systems"].items() if ran(r)}
     models = [m["name"] for m in results["models"]]
-    short = [m.split(".")[0].split("-q4")[0][:16] for m in models]
+    short = [m.split(".")[0].split("-q4")[0][:24] for m in models]
     floors = results["floors"]
     fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
     (warm, noswap, tput), (mixed, mem, moved) = axes
 
-    _bars(warm, [f"swap to {short[0]}", f"swap to {short[1]}"],
+    _bars(warm, [f"swap to\n{short[0]}", f"swap to\n{short[1]}"],
           {k: [median(_get(r, "warm_swap", "ttft_s", m, default=[])) for m in models[:2]] for k, r in systems.items()},
           [median(_get(floors, "swap_ttft_s", m, default=[])) for m in models[:2]], "s")
     warm.set_title("1. Warm swap: TTFT, median (lower is better)", fontsize=9)
@@ -84,7 +92,7 @@ def draw(results: dict, path: Path) -> None:
         cold = [median(_get(own, "cold_swap", "ttft_s", m, default=[])) for m in models[:2]]
         cold_floor = [median(_get(floors, "raw_transfer_s", m, default=[]))
                       + median(_get(floors, "swap_ttft_s", m, default=[])) for m in models[:2]]
-        _bars(moved, ["transfer (prefetch)", f"cold swap {short[0]}", f"cold swap {short[1]}"],
+        _bars(moved, ["transfer\n(prefetch)", f"cold swap\n{short[0]}", f"cold swap\n{short[1]}"],
               {SELF: [median(_get(own, "transfer", "prefetch_s", default=[]))] + cold},
               [median(_get(own, "transfer", "floor_s", default=[]))] + cold_floor, "s")
     moved.set_title("7 and 2. Transfer and cold swap vs their floors (lower is better)", fontsize=9)

@@ -60,7 +60,7 @@ def complete(base_url: str, model: str, max_tokens: int, prompt: str = PROMPT, t
                             ttft = time.perf_counter() - started
             return Completion(tokens > 0, ttft, time.perf_counter() - started, tokens,
                               None if tokens else "no_tokens", action, headers_at)
-    except requests.RequestException as err:
+    except (requests.RequestException, ValueError, OSError) as err:  # ValueError: a garbled event
         return Completion(False, None, time.perf_counter() - started, 0, type(err).__name__)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import os
 import platform
@@ -207,8 +208,9 @@ def markdown(results: dict) -> str:
     parts = [
         "# model-swap benchmark\n",
         f"- Date: {meta['date']}; took {meta.get('seconds', 0):.0f} s\n- Machine: {meta['machine']}\n"
-        f"- Versions: {meta['versions']}; " + "; ".join(r["version"] for r in results["systems"].values()
-                                                        if r.get("version")) + "\n"
+        f"- Versions: " + "; ".join(dict.fromkeys(
+            [meta["versions"]] + [r["version"] for r in results["systems"].values()
+                                  if r.get("version") and r["version"] not in meta["versions"]])) + "\n"
         f"- Command: `{meta['command']}`\n- Models: {models}\n"
         f"- Plan: {plan['reps']} repetitions per timed request, {plan['mixed_clients']} clients for "
         f"{plan['mixed_seconds']:.0f} s of mixed load, {plan['memory_swaps']} swaps for memory, "
@@ -241,12 +243,11 @@ def machine(args, command: str, started: float) -> dict:
     except (OSError, AttributeError):
         memory = "unknown memory"
     versions = [f"Python {platform.python_version()}"]
-    try:
-        import llama_cpp
-
-        versions.append(f"llama-cpp-python {llama_cpp.__version__}")
-    except ImportError:
-        pass
+    for package in ("llama-cpp-python", "gunicorn", "flask"):
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return {"date": time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(started)),
             "machine": f"{cpu}, {os.cpu_count()} cores, {memory}, Linux {platform.release()}, load average at "

@@ -70,7 +70,10 @@ def throughput(system: System, model: str, streams: int, tokens: int, reps: int,
 
         def one(i: int) -> None:
             barrier.wait()
-            results[i] = complete(system.url, model, tokens, f"({rep}.{i}) {PROMPT}")
+            try:
+                results[i] = complete(system.url, model, tokens, f"({rep}.{i}) {PROMPT}")
+            except Exception as err:  # reported below as this stream's error
+                results[i] = Completion(False, None, 0.0, 0, f"{type(err).__name__}: {err}")
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
         for t in threads:
