@@ -13,16 +13,20 @@ import logging
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
+try:
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+except ImportError:  # the suite's own dependencies are an extra: say which
+    sys.exit("python -m benchmarks needs the bench extra: pip install -e '.[bench]'")
 
-from benchmarks import floors, mixed, report, transfer, workloads
+from benchmarks import mixed, report, transfer, workloads
 from benchmarks.systems import System, all_systems
 
 log = logging.getLogger("benchmarks")
@@ -166,6 +170,16 @@ def run_system(system: System, models: list[Path], workdir: Path, plan: Plan, th
     return result
 
 
+def _floors_in_child(models: list[Path], threads: int, reps: int, tokens: int) -> dict:
+    """benchmarks.floors in a fresh interpreter: a clean memory baseline, no threads shared with clients."""
+    argv = [sys.executable, "-m", "benchmarks.floors", "--threads", str(threads), "--reps", str(reps),
+            "--tokens", str(tokens), *map(str, models)]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"floors failed ({done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
 def _mixed(system: System, ids: list[str], plan: Plan, tick) -> dict:
     if system.can_cold_swap:
         system.make_cold()  # the mixed load starts from an empty cache, as its LRU and Belady figures do
@@ -197,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix_str("floors (in-process)")
             results["floors"] = {"threads": args.threads}
             if NEEDS_FLOORS & set(plan.workloads):
-                results["floors"] = floors.run_in_child(models[:2], args.threads, plan.reps, plan.stream_tokens, 2048)
+                results["floors"] = _floors_in_child(models[:2], args.threads, plan.reps, plan.stream_tokens)
                 results["floors"]["raw_transfer_s"] = {
                     m.name: [transfer.raw_floor_s(m, workdir) for _ in range(plan.reps)] for m in models[:2]}
             bar.update(1)

@@ -1,4 +1,4 @@
-"""Floors: what the same work costs in-process, with no server and no transfer.
+"""Floors: what the same work costs in-process, with no server and no transfer (a child program).
 
 Run in a child process (`python -m benchmarks.floors ...`) so that its resident memory is a
 clean baseline and llama.cpp's threads do not share a process with the benchmark's clients.
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -72,17 +71,6 @@ def measure(models: list[Path], threads: int, reps: int, tokens: int, n_ctx: int
     out["tokens_per_s"] = rates
     llm.close()
     return out
-
-
-def run_in_child(models: list[Path], threads: int, reps: int, tokens: int, n_ctx: int) -> dict:
-    """measure() in a fresh interpreter; returns its result."""
-    argv = [sys.executable, "-m", "benchmarks.floors", "--threads", str(threads), "--reps", str(reps),
-            "--tokens", str(tokens), "--n-ctx", str(n_ctx), *map(str, models)]
-    done = subprocess.run(argv, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
-                          timeout=1800)
-    if done.returncode != 0:
-        raise RuntimeError(f"floors failed ({done.returncode}): {done.stderr[-2000:]}")
-    return json.loads(done.stdout)
 
 
 def main(argv: list[str] | None = None) -> int:
