@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                   "python -m model_store_server.fetch_models --dest models)", ", ".join(map(str, missing)) or "-")
         return 2
     systems = [s for s in all_systems() if not args.systems or s.key in args.systems]
-    command = "python -m benchmarks " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = shlex.join(["python", "-m", "benchmarks", *(argv if argv is not None else sys.argv[1:])])
     started = time.time()
     workdir = Path(tempfile.mkdtemp(prefix=".bench-", dir=REPO))  # beside the models: hard links, same disk
     results: dict = {"meta": report.machine(args, command, started), "plan": plan.__dict__, "systems": {}}

@@ -25,6 +25,11 @@ class Completion:
     headers_at: float | None = None  # perf_counter() when the response headers arrived
 
 
+def _event_data(event: bytes) -> bytes:
+    """The data of one server-sent event; comments (": ping", sent while a request waits) have none."""
+    return b"\n".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+
+
 def _error_code(response: requests.Response) -> str:
     try:
         return str(response.json()["error"]["code"])
@@ -47,11 +52,10 @@ def complete(base_url: str, model: str, max_tokens: int, prompt: str = PROMPT, t
                                   headers_at)
             ttft, tokens, buffer = None, 0, b""
             for chunk in response.iter_content(chunk_size=None):
-                buffer += chunk
+                buffer += chunk.replace(b"\r\n", b"\n")
                 *events, buffer = buffer.split(b"\n\n")
-                for event in events:
-                    data = event.strip().removeprefix(b"data:").strip()
-                    if not data or data == b"[DONE]":
+                for data in filter(None, map(_event_data, events)):
+                    if data == b"[DONE]":
                         continue
                     choices = json.loads(data).get("choices") or []
                     if choices and choices[0].get("finish_reason") is None:

@@ -140,7 +140,8 @@ class ModelSwap(System):
     def start(self, models: list[Path], workdir: Path, threads: int) -> None:
         thread_flags = _worker_thread_flags(threads)
         if not thread_flags:
-            self.notes = "worker has no --n-threads: llama-cpp-python's default thread count"
+            self.notes = (f"this worker has no --n-threads: llama-cpp-python's default, "
+                          f"{max(1, (os.cpu_count() or 2) // 2)} thread(s)")
         env = {"N_THREADS": str(threads)}
         self.worker = ServiceProcess("inference_worker", ["--cache-dir", str(workdir / "worker-cache"), "--log-level",
                                                           "WARNING", *thread_flags], workdir / "worker.log",

@@ -7,10 +7,13 @@ import os
 import re
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from benchmarks.client import complete
 from benchmarks.mixed import belady_misses, fewest_loads, lru_misses
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,3 +82,35 @@ def test_cache_arithmetic_on_a_known_order():
     assert belady_misses(order, 3) == lru_misses(order, 3) == 3
     assert fewest_loads(list("aabbba")) == 3
     assert belady_misses([], 2) == lru_misses([], 2) == fewest_loads([]) == 0
+
+
+class _SseHandler(BaseHTTPRequestHandler):
+    """Streams what llama_cpp.server sends while a request waits: a comment, CRLF line ends, then tokens."""
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        token = {"choices": [{"text": "a", "finish_reason": None}]}
+        last = {"choices": [{"text": "", "finish_reason": "length"}]}
+        for event in (b": ping - 2026-01-01", f"data: {json.dumps(token)}".encode(),
+                      f"data: {json.dumps(token)}".encode(), f"data: {json.dumps(last)}".encode(), b"data: [DONE]"):
+            self.wfile.write(event + b"\r\n\r\n")
+            self.wfile.flush()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_client_counts_token_events_only():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SseHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result = complete(f"http://127.0.0.1:{server.server_address[1]}", "m", 2)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (result.ok, result.tokens, result.error) == (True, 2, None)
+    assert 0 < result.ttft_s <= result.total_s
