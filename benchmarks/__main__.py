@@ -57,7 +57,7 @@ class Plan:
     def of(cls, args: argparse.Namespace) -> "Plan":
         quick = args.quick
         return cls(
-            reps=args.reps or (3 if quick else 7),
+            reps=args.reps or (3 if quick else 5),
             streams=(1, 8),
             stream_tokens=64,
             throughput_reps=args.throughput_reps or (1 if quick else 2),
@@ -92,7 +92,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="run only these (default: all)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="llama.cpp threads for every system and floor (default: all cores)")
-    p.add_argument("--reps", type=int, help="repetitions of each timed request (quick 3, full 7)")
+    p.add_argument("--reps", type=int, help="repetitions of each timed request (quick 3, full 5)")
     p.add_argument("--throughput-reps", type=int)
     p.add_argument("--mixed-clients", type=int)
     p.add_argument("--mixed-seconds", type=float)
