@@ -124,13 +124,15 @@ def summary_rows(results: dict) -> list[list[str]]:
     floor = _floor_values(results, models)
     rows = []
     for m in metrics(models):
-        candidates = [(v[m.key], systems[k]["label"]) for k, v in peers.items() if not math.isnan(v.get(m.key, math.nan))]
+        has_floor = not math.isnan(floor.get(m.key, math.nan))
+        candidates = [(v[m.key], systems[k]["label"]) for k, v in peers.items()
+                      if not math.isnan(v.get(m.key, math.nan))]
         best = (min if m.lower_is_better else max)(candidates, default=None)
         rows.append([m.workload, f"{m.label} ({'lower' if m.lower_is_better else 'higher'} is better)",
                      _fmt(own.get(m.key), m.unit),
                      f"{_fmt(best[0], m.unit)} ({best[1]})" if best else "n/a",
                      _ratio(own.get(m.key), best[0] if best else None),
-                     f"{_fmt(floor[m.key], m.unit)} ({m.floor})" if not math.isnan(floor.get(m.key, math.nan)) else "n/a",
+                     f"{_fmt(floor[m.key], m.unit)} ({m.floor})" if has_floor else "n/a",
                      _ratio(own.get(m.key), floor.get(m.key))])
     return rows
 
@@ -163,15 +165,21 @@ def systems_rows(results: dict) -> list[list[str]]:
                      f"{mix['ok']} ok, {sum(mix['errors'].values())} errors "
                      f"{mix['errors'] or ''}; {_fmt(mix['p50_s'], 's')} / {_fmt(mix['p95_s'], 's')} / "
                      f"{_fmt(mix['max_s'], 's')}" if mix else "n/a",
-                     f"{memory['before_bytes'] / MIB:.0f} → {memory['after_bytes'] / MIB:.0f} MiB" if memory else "n/a",
+                     f"{memory['before_bytes'] / MIB:.0f} → {memory['after_bytes'] / MIB:.0f} MiB"
+                     if memory else "n/a",
                      r.get("version", "")])
     f = _floor_values(results, models)
     rows.append(["floor (in-process, same run)", f"{_fmt(f['warm_a'], 's')} / {_fmt(f['warm_a_p90'], 's')}",
                  f"{_fmt(f['warm_b'], 's')} / {_fmt(f['warm_b_p90'], 's')}",
                  f"{_fmt(f['cold_a'], 's')} / {_fmt(f['cold_b'], 's')}", _fmt(f["no_swap"], "s"),
                  f"{_fmt(f['tps_1'], 'tok/s')} (1 stream)", "", f"{f['rss_after']:.0f} MiB (one model)",
-                 f"{results['floors']['threads']} threads"])
+                 _threads(results)])
     return rows
+
+
+def _threads(results: dict) -> str:
+    n = results["floors"]["threads"]
+    return f"{n} llama.cpp thread{'' if n == 1 else 's'}"
 
 
 def _mixed_section(results: dict) -> str:
@@ -214,8 +222,8 @@ def markdown(results: dict) -> str:
         f"- Command: `{meta['command']}`\n- Models: {models}\n"
         f"- Plan: {plan['reps']} repetitions per timed request, {plan['mixed_clients']} clients for "
         f"{plan['mixed_seconds']:.0f} s of mixed load, {plan['memory_swaps']} swaps for memory, "
-        f"{plan['transfer_reps']} transfers; every system and floor with {results['floors']['threads']} llama.cpp "
-        "threads. TTFT: from sending `/v1/completions` (stream, temperature 0) to the first token event.\n",
+        f"{plan['transfer_reps']} transfers; every system and floor with {_threads(results)}. TTFT: from "
+        "sending `/v1/completions` (stream, temperature 0) to the first token event.\n",
         "\n## model-swap against the best peer and the floor\n\n",
         "Ratios are model-swap ÷ the other: above 1× means model-swap took longer (times, memory) or, for "
         "tokens/s, that it was faster. Everything was measured in this run on this machine.\n\n",

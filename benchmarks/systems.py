@@ -17,7 +17,9 @@ import requests
 from model_swap.testing import REPO, ServiceProcess, free_port
 
 log = logging.getLogger(__name__)
-LLAMA_SERVER = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "model-swap/llama-server/bin/llama-server"
+# Where benchmarks/build_llama_server.sh leaves the binary.
+LLAMA_SERVER = (Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                / "model-swap/llama-server/bin/llama-server")
 N_CTX = 2048
 
 
