@@ -4,10 +4,11 @@
 
 Compares, for one file, medians over --repeat runs:
   floor      raw TCP (socket.sendfile) into a file, 1 MiB reads, fsync: no HTTP, no hashing
-  push       model-swap's HTTP push (WorkerClient.push) into a real worker's /cache_model,
-             which also hashes, checks the GGUF magic, fsyncs and renames
+  push       model-swap's HTTP push (WorkerClient.push, sendfile) into a real worker's
+             /cache_model, which also hashes, checks the GGUF magic, fsyncs and renames
   naive      the same endpoint fed by `requests` with a file object (http.client's 8 KiB
-             blocks): what the push would cost without its block size
+             blocks): what the push would cost without sendfile
+The whole store path (POST /admin/prefetch) is measured by `python -m benchmarks`.
 Prints GB/s for each and its ratio to the floor. Timings vary with the machine and its load.
 """
 
@@ -15,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -29,39 +27,16 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchmarks.transfer import raw_floor_s  # noqa: E402
 from model_store_server.worker_client import WorkerClient  # noqa: E402
-from model_swap.digest import BLOCK_SIZE, sha256_file  # noqa: E402
+from model_swap.digest import sha256_file  # noqa: E402
 from model_swap.testing import ServiceProcess  # noqa: E402
 
 log = logging.getLogger("transfer_bench")
 
 
 def floor_once(path: Path, out_dir: Path) -> float:
-    """Raw socket into a file with fsync; return seconds from connect to durable file."""
-    server = socket.create_server(("127.0.0.1", 0))
-    port = server.getsockname()[1]
-    target = out_dir / "floor.bin"
-
-    def receive() -> None:
-        conn, _ = server.accept()
-        with conn, open(target, "wb", buffering=0) as f:
-            while block := conn.recv(BLOCK_SIZE):
-                f.write(block)
-            os.fsync(f.fileno())
-            conn.sendall(b"k")
-
-    t = threading.Thread(target=receive)
-    t.start()
-    started = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port)) as s, open(path, "rb") as f:
-        s.sendfile(f)
-        s.shutdown(socket.SHUT_WR)
-        s.recv(1)
-    elapsed = time.perf_counter() - started
-    t.join()
-    server.close()
-    target.unlink()
-    return elapsed
+    return raw_floor_s(path, out_dir)
 
 
 def push_once(client: WorkerClient, path: Path, size: int, sha: str) -> float:

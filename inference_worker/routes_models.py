@@ -8,6 +8,7 @@ from typing import Iterator
 from flask import Blueprint, jsonify, request
 
 from inference_worker import state
+from inference_worker.socket_body import raw_body
 from model_swap.digest import BLOCK_SIZE
 from model_swap.errors import ApiError
 from model_swap.model_settings import ModelSettings
@@ -39,13 +40,19 @@ def _receive() -> dict:
     name = check_model_name(request.headers.get("X-Model-Name"))
     m = state.metrics()
     try:
-        receipt = state.cache().receive(name, _read_body(), request.content_length, _expected_digest())
+        sha256 = _expected_digest()
+        raw = raw_body(request.environ)
+        if raw is not None:  # the fast path: no copies through the WSGI stream
+            receipt = state.cache().receive_spliced(name, raw, sha256)
+        else:
+            receipt = state.cache().receive(name, _read_body(), request.content_length, sha256)
     except Exception:
         m.receives.labels("error").inc()
         raise
     m.receives.labels("ok").inc()
     m.bytes_received.inc(receipt.size)
-    return {"name": name, "size": receipt.size, "sha256": receipt.sha256, "receive_ms": round(receipt.receive_ms, 2)}
+    return {"name": name, "size": receipt.size, "sha256": receipt.sha256, "receive_ms": round(receipt.receive_ms, 2),
+            "receive_method": receipt.method}
 
 
 def _load(name: str, settings: ModelSettings = ModelSettings()) -> dict:

@@ -14,8 +14,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Callable, Iterable
 
+from inference_worker.socket_body import RawBody, splice_into
 from model_swap.digest import GGUF_MAGIC, DigestMemo
 from model_swap.errors import ApiError
 from model_swap.names import check_model_name
@@ -102,6 +103,7 @@ class Receipt:
     size: int
     sha256: str
     receive_ms: float
+    method: str = "stream"  # "splice" when the bytes came straight off the connection
 
 
 class ModelCache:
@@ -142,6 +144,27 @@ class ModelCache:
     def receive(self, name: str, blocks: Iterable[bytes], size: int | None = None,
                 sha256: str | None = None, *, partial_prefix: str = PARTIAL_PREFIX) -> Receipt:
         """Stream blocks into a temp file, verify them, then publish under `name` atomically."""
+        return self._receive(name, size, sha256, partial_prefix, lambda f: self._write_blocks(f, blocks), "stream")
+
+    def receive_spliced(self, name: str, body: RawBody, sha256: str | None = None) -> Receipt:
+        """Like receive(), with the bytes spliced from the connection into the file (socket_body)."""
+        def fill(f: BinaryIO) -> tuple[str, int]:
+            # mkstemp opens the file read-write: the hasher reads the bytes back through this fd.
+            digest, received = splice_into(body, f.fileno())
+            os.fsync(f.fileno())
+            return digest, received
+
+        try:
+            receipt = self._receive(name, body.length, sha256, PARTIAL_PREFIX, fill, "splice")
+        except BaseException:
+            body.broken()  # refused or failed part-way: the rest of the body is still on the wire
+            raise
+        body.consumed()
+        return receipt
+
+    def _receive(self, name: str, size: int | None, sha256: str | None, partial_prefix: str,
+                 fill: Callable[[BinaryIO], tuple[str, int]], method: str) -> Receipt:
+        """Check room, fill a temp file (fill returns digest and bytes, fsynced), verify, publish."""
         final = self.path_for(name)
         if not partial_prefix.startswith(PARTIAL_PREFIX) or "/" in partial_prefix:
             raise ValueError(f"temporary files must start with {PARTIAL_PREFIX} and stay in the cache directory")
@@ -154,7 +177,7 @@ class ModelCache:
         tmp = Path(tmp_name)
         try:
             with _disk_full_as_507(), os.fdopen(fd, "wb", buffering=0) as f:
-                digest, received = self._write_blocks(f, blocks)
+                digest, received = fill(f)
                 on_disk = os.fstat(f.fileno()).st_size
             if on_disk != received:
                 raise ApiError(500, "write_failed", f"{name}: wrote {on_disk} of {received} bytes")
@@ -168,8 +191,9 @@ class ModelCache:
             tmp.unlink(missing_ok=True)
             raise
         receive_ms = (time.perf_counter() - started) * 1000
-        log.info("[cache] received %s size=%d sha256=%s in %.1fms", name, received, digest[:12], receive_ms)
-        return Receipt(name, received, digest, receive_ms)
+        log.info("[cache] received %s size=%d sha256=%s in %.1fms (%s)", name, received, digest[:12], receive_ms,
+                 method)
+        return Receipt(name, received, digest, receive_ms, method)
 
     def _write_blocks(self, f: BinaryIO, blocks: Iterable[bytes]) -> tuple[str, int]:
         """Write, hash and fsync every block; return (hexdigest, bytes)."""

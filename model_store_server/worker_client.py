@@ -7,12 +7,11 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterator
+from typing import Callable, Iterator
 from urllib.parse import quote, urlsplit
 
 import requests
 
-from model_swap.digest import BLOCK_SIZE
 from model_swap.errors import ApiError
 from model_swap.model_settings import ModelSettings
 from model_swap.names import check_model_name
@@ -20,6 +19,7 @@ from model_swap.web import GenerationRequest
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 5.0
+SENDFILE_SLICE = 32 << 20  # 32 MiB: progress at least every few tens of ms on loopback
 USER_INPUT_CODES = frozenset({"invalid_request", "prompt_too_long"})
 
 
@@ -43,6 +43,9 @@ def _error_from(status: int, body: bytes) -> ApiError:
         code = "worker_error"
     if status == 400 and code in USER_INPUT_CODES:
         return ApiError(400, code, message)  # the user's request was at fault, not the worker
+    if status == 507 and code == "insufficient_storage":
+        # The operator can act on it (free or grow the worker's disk): it stays 507.
+        return ApiError(507, code, message, details=details)
     return ApiError(502, code, f"worker answered {status}: {message}", details=details)
 
 
@@ -151,28 +154,50 @@ class WorkerClient:
 
     def push(self, name: str, path, size: int, sha256: str,
              progress: Callable[[int], None] | None = None) -> float:
-        """Upload a file to /cache_model in 1 MiB blocks with a Content-Length; return seconds.
+        """Upload a file to /cache_model with a Content-Length, by sendfile; return seconds.
 
-        progress(bytes_sent_so_far) is called as blocks are read for sending."""
+        progress(bytes_sent_so_far) is called after each slice the kernel has sent."""
         parts = urlsplit(self.base_url)
         conn_cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        # http.client's blocksize decides upload speed: its 8 KiB default is several times slower.
-        conn = conn_cls(parts.hostname, parts.port, timeout=self.timeout_s, blocksize=BLOCK_SIZE)
+        conn = conn_cls(parts.hostname, parts.port, timeout=self.timeout_s)
         headers = dict(self._headers, **{"X-Model-Name": name, "X-Model-Sha256": sha256,
                                          "Content-Length": str(size), "Content-Type": "application/octet-stream"})
         started = time.perf_counter()
+        send_error: OSError | None = None
         try:
             with open(path, "rb") as f:
-                body = f if progress is None else _CountingReader(f, progress)
-                conn.request("POST", "/cache_model", body=body, headers=headers)
+                conn.putrequest("POST", "/cache_model", skip_accept_encoding=True)
+                for key, value in headers.items():
+                    conn.putheader(key, value)
+                conn.endheaders()
+                try:
+                    # The kernel copies page cache to socket: no read into Python, no second copy.
+                    # Slices only so that progress can be told; each is still one sendfile call.
+                    sent = 0
+                    while sent < size:
+                        step = conn.sock.sendfile(f, sent, min(SENDFILE_SLICE, size - sent))
+                        if step == 0:
+                            break
+                        sent += step
+                        if progress is not None:
+                            progress(sent)
+                except OSError as err:
+                    # The worker may have answered and closed before taking the whole body (a
+                    # full disk, a refused name): its answer is already in our receive buffer.
+                    send_error, sent = err, None
+                if sent is not None and sent != size:
+                    raise WorkerUnavailable(f"upload of {name}: {path} ended after {sent} of {size} bytes")
                 response = conn.getresponse()
                 payload = response.read()
-        except OSError as err:
-            raise WorkerUnavailable(f"upload of {name} to {self.base_url} failed: {err}") from err
+        except (OSError, http.client.HTTPException) as err:
+            cause = send_error or err
+            raise WorkerUnavailable(f"upload of {name} to {self.base_url} failed: {cause}") from cause
         finally:
             conn.close()
         if response.status >= 400:
             raise _error_from(response.status, payload)
+        if send_error is not None:  # a success after a broken upload cannot be trusted
+            raise WorkerUnavailable(f"upload of {name} to {self.base_url} failed: {send_error}") from send_error
         return time.perf_counter() - started
 
     def iter_text(self, response: requests.Response) -> Iterator[bytes]:
@@ -183,16 +208,3 @@ class WorkerClient:
             response.close()
 
 
-class _CountingReader:
-    """A file object that reports how many bytes have been read from it."""
-
-    def __init__(self, f: BinaryIO, progress: Callable[[int], None]):
-        self._f = f
-        self._progress = progress
-        self._done = 0
-
-    def read(self, size: int = -1) -> bytes:
-        block = self._f.read(size)
-        self._done += len(block)
-        self._progress(self._done)
-        return block

@@ -206,9 +206,13 @@ class GuardedThreadWorker(ThreadWorker):
             return "chunked" not in headers["transfer-encoding"].lower() or _chunked_complete(body)
         if "content-length" in headers:
             try:
-                return len(body) >= int(headers["content-length"])
+                declared = int(headers["content-length"])
             except ValueError:
                 return True
+            # A body too big to hold here goes to a thread once its headers are in, so the
+            # handler can refuse it (no room on disk, a bad name) before any of it is sent;
+            # that thread's reads are bounded by REQUEST_TIMEOUT_S like every other.
+            return declared > PREBUFFER_BYTES or len(body) >= declared
         return True
 
     def handle(self, conn):

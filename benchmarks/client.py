@@ -1,0 +1,84 @@
+"""One streamed /v1/completions request, timed the way a user feels it, against any system."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+import requests
+
+PROMPT = "Once upon a time, in a small village by the sea, there lived"
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What one streamed request did: times from sending it, tokens seen, and how it ended."""
+
+    ok: bool
+    ttft_s: float | None  # first token event
+    total_s: float
+    tokens: int
+    error: str | None = None  # the envelope's code, else the HTTP status or the exception's name
+    cache_action: str | None = None  # model-swap's X-Cache-Action
+    headers_at: float | None = None  # perf_counter() when the response headers arrived
+
+
+def _event_data(event: bytes) -> bytes:
+    """The data of one server-sent event; comments (": ping", sent while a request waits) have none."""
+    return b"\n".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+
+
+def _error_code(response: requests.Response) -> str:
+    try:
+        return str(response.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return f"http_{response.status_code}"
+
+
+def complete(base_url: str, model: str, max_tokens: int, prompt: str = PROMPT, timeout_s: float = 300.0,
+             session: requests.Session | None = None) -> Completion:
+    """Stream one completion; TTFT is the first server-sent event that carries a token."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True}
+    http = session or requests
+    started = time.perf_counter()
+    try:
+        with http.post(base_url + "/v1/completions", json=body, stream=True, timeout=timeout_s) as response:
+            headers_at = time.perf_counter()
+            action = response.headers.get("X-Cache-Action")
+            if response.status_code != 200:
+                return Completion(False, None, time.perf_counter() - started, 0, _error_code(response), action,
+                                  headers_at)
+            ttft, tokens, buffer = None, 0, b""
+            for chunk in response.iter_content(chunk_size=None):
+                buffer += chunk.replace(b"\r\n", b"\n")
+                *events, buffer = buffer.split(b"\n\n")
+                for data in filter(None, map(_event_data, events)):
+                    if data == b"[DONE]":
+                        continue
+                    choices = json.loads(data).get("choices") or []
+                    if choices and choices[0].get("finish_reason") is None:
+                        tokens += 1
+                        if ttft is None:
+                            ttft = time.perf_counter() - started
+            return Completion(tokens > 0, ttft, time.perf_counter() - started, tokens,
+                              None if tokens else "no_tokens", action, headers_at)
+    except (requests.RequestException, ValueError, OSError) as err:  # ValueError: a garbled event
+        return Completion(False, None, time.perf_counter() - started, 0, type(err).__name__)
+
+
+def median(values: list[float]) -> float:
+    """The median, or NaN for no values."""
+    return percentile(values, 50)
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Linear-interpolated percentile (as numpy's default); NaN for no values."""
+    data = sorted(v for v in values if v is not None and not math.isnan(v))
+    if not data:
+        return math.nan
+    rank = (len(data) - 1) * p / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(data) - 1)
+    return data[low] + (data[high] - data[low]) * (rank - low)

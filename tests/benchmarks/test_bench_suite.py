@@ -1,0 +1,116 @@
+"""python -m benchmarks: end to end in quick mode with tiny models, and its cache arithmetic."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from benchmarks.client import complete
+from benchmarks.mixed import belady_misses, fewest_loads, lru_misses
+
+REPO = Path(__file__).resolve().parents[2]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _table(markdown: str, first_header: str) -> list[list[str]]:
+    """The rows (cells) of the markdown table whose header starts with `first_header`."""
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+@pytest.mark.slow
+def test_quick_run_with_tiny_models_writes_a_well_formed_report(make_model, tmp_path):
+    models = [make_model(tmp_path / "models", f"tiny-{c}.gguf", seed=i) for i, c in enumerate("abc", start=1)]
+    out = tmp_path / "results"
+    # An empty cache folder: llama-server is missing, and the report must say so rather than skip it.
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "empty-cache"))
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--models", *map(str, models), "--systems", "model-swap",
+         "llama-server-1", "--out", str(out), "--threads", "1", "--reps", "2", "--throughput-reps", "1",
+         "--mixed-clients", "4", "--mixed-seconds", "2", "--memory-swaps", "4", "--transfer-reps", "2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    report = (out / "bench.md").read_text()
+    assert "python -m benchmarks --quick --models" in report  # the exact command
+    summary = _table(report, "workload")
+    assert summary[0] == ["workload", "metric", "model-swap", "best peer", "÷ best peer", "floor", "÷ floor"]
+    assert all(cell == "---" for cell in summary[1])
+    rows = summary[2:]
+    assert [r[0][0] for r in rows] == list("111122344555" "67")  # workloads 1-7, in order
+    for row in rows:
+        assert len(row) == 7, row
+        assert re.fullmatch(r"\d+\.\d+( s| MiB)?|\d+ MiB", row[2]), row  # model-swap measured every metric
+        assert row[3] == row[4] == "n/a", row  # no peer ran
+    with_floor = [r for r in rows if not r[0].startswith("5")]
+    assert all(re.fullmatch(r"\d+\.\d\d×", r[6]) for r in with_floor), with_floor
+
+    systems = _table(report, "system")
+    assert len({len(r) for r in systems}) == 1
+    names = [r[0] for r in systems[2:]]
+    assert names[0].startswith("model-swap") and names[-1].startswith("floor")
+    missing = next(r for r in systems if r[0].startswith("llama-server router"))
+    assert missing[1].startswith("not run:") and "build_llama_server.sh" in missing[1]
+
+    assert (out / "bench.png").read_bytes()[:8] == PNG_MAGIC
+    results = json.loads((out / "bench.json").read_text())
+    own = results["systems"]["model-swap"]
+    assert own["status"] == "ok"
+    assert "load_from_store" not in own["warm_swap"]["actions"]["tiny-a.gguf"]  # warm: no transfer
+    assert set(own["cold_swap"]["actions"]["tiny-b.gguf"]) == {"load_from_store"}  # really a transfer
+    assert own["mixed"]["errors"] == {} and own["mixed"]["transfers"] >= own["mixed"]["belady_transfers"]
+
+
+def test_cache_arithmetic_on_a_known_order():
+    order = list("abcabc")
+    assert lru_misses(order, 2) == 6  # LRU always evicts the one needed next
+    assert belady_misses(order, 2) == 4  # a b c(evict b) a b(evict a) c
+    assert belady_misses(order, 3) == lru_misses(order, 3) == 3
+    assert fewest_loads(list("aabbba")) == 3
+    assert belady_misses([], 2) == lru_misses([], 2) == fewest_loads([]) == 0
+
+
+class _SseHandler(BaseHTTPRequestHandler):
+    """Streams what llama_cpp.server sends while a request waits: a comment, CRLF line ends, then tokens."""
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        token = {"choices": [{"text": "a", "finish_reason": None}]}
+        last = {"choices": [{"text": "", "finish_reason": "length"}]}
+        for event in (b": ping - 2026-01-01", f"data: {json.dumps(token)}".encode(),
+                      f"data: {json.dumps(token)}".encode(), f"data: {json.dumps(last)}".encode(), b"data: [DONE]"):
+            self.wfile.write(event + b"\r\n\r\n")
+            self.wfile.flush()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_client_counts_token_events_only():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SseHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result = complete(f"http://127.0.0.1:{server.server_address[1]}", "m", 2)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (result.ok, result.tokens, result.error) == (True, 2, None)
+    assert 0 < result.ttft_s <= result.total_s
