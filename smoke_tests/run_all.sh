@@ -12,7 +12,7 @@
 #                is the memory tier (lru, two models in the worker's memory); it is skipped, and says
 #                so, when the worker holds one model at a time
 #   TTL_SECONDS  for ttl and lru-ttl (default 5); MAX_TOKENS, PROMPT are passed to the scripts
-#   KEEP_ALIVE_SECONDS  for the memory run (default 5)
+#   KEEP_ALIVE_SECONDS  for the memory run (default 15: longer than a slow generation of the other model)
 #   WARMUP       1 (default): one untimed request for MODEL_C before each script, so llama.cpp's
 #                one-off start-up in a fresh worker is not charged to step 1; 0 to skip
 #   STARTUP_TIMEOUT  seconds to wait for a service's /health (default 120)
@@ -30,7 +30,7 @@ export MODEL_A=${MODEL_A:-SmolLM2-135M-Instruct.Q4_1.gguf}
 export MODEL_B=${MODEL_B:-gemma-3-270m-q4_k_m.gguf}
 export MODEL_C=${MODEL_C:-tiny-smoke.gguf}
 export TTL_SECONDS=${TTL_SECONDS:-5}
-export KEEP_ALIVE_SECONDS=${KEEP_ALIVE_SECONDS:-5}
+export KEEP_ALIVE_SECONDS=${KEEP_ALIVE_SECONDS:-15}
 POLICIES=${POLICIES:-lru no-evict ttl lru-ttl memory}
 SKIPPED=3  # run_policy's status for a run the worker cannot do
 STARTUP_TIMEOUT=${STARTUP_TIMEOUT:-120}
