@@ -103,6 +103,16 @@ class Generation:
         self.prompt_tokens: int | None = None
         self.finish_reason: str | None = None
 
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    def count_tokens(self, prompt: str | None = None, messages: tuple[dict, ...] | None = None) -> int:
+        """The prompt's tokens as a generation would feed them: a chat rendered with the model's template."""
+        if messages is not None:
+            return len(self.chat.render(self._llm, messages))
+        return len(self._llm.tokenize(prompt.encode("utf-8"), add_bos=True))
+
     def check_prompt(self, prompt: str) -> None:
         """Refuse a prompt that does not fit the context (llama.cpp would fail mid-response)."""
         data = prompt.encode("utf-8")

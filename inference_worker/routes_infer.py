@@ -106,3 +106,21 @@ def infer():
         response.headers["X-Chat-Template"] = gen.chat.label
     response.headers["X-Accel-Buffering"] = "no"
     return response
+
+
+@bp.post("/tokenize")
+def tokenize():
+    """Count a prompt's tokens as /infer would feed them: {"model", "prompt" or "messages"} -> {"model", "tokens",
+    "n_ctx"}. A chat is rendered with the model's chat template; the model must be loaded (409 model_not_loaded)."""
+    body = json_body()
+    request = parse_generation({k: body.get(k) for k in ("prompt", "messages")})
+    model = body.get("model")
+    if model is not None:
+        check_model_name(model)
+    # The model's turn: its Llama is not safe to share, and an unload must wait for the count.
+    gen = state.registry().begin(model)
+    try:
+        tokens = gen.count_tokens(request.prompt, request.messages)
+    finally:
+        gen.release()
+    return {"model": gen.name, "tokens": tokens, "n_ctx": gen.n_ctx}

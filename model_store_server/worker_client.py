@@ -152,6 +152,11 @@ class WorkerClient:
             raise err
         return response
 
+    def tokenize(self, model: str, messages: list[dict]) -> tuple[int, int]:
+        """(tokens, n_ctx): the chat's prompt tokens with the loaded model's tokenizer and chat template."""
+        body = self._call("POST", "/tokenize", json={"model": check_model_name(model), "messages": messages}).json()
+        return int(body["tokens"]), int(body["n_ctx"])
+
     def push(self, name: str, path, size: int, sha256: str,
              progress: Callable[[int], None] | None = None) -> float:
         """Upload a file to /cache_model with a Content-Length, by sendfile; return seconds.
