@@ -8,6 +8,12 @@ n_ctx = 4096                          # settings the worker applies when it load
 chat_template = "gemma"
 [models.gemma.sampling]               # defaults for requests that do not say
 temperature = 0.7
+
+[presets.pirate]                      # a request (or a session) names it with "preset"
+system = "You are a pirate."          # the system prompt put in front of the chat
+model = "gemma"                       # optional: the model when the request names none
+[presets.pirate.sampling]             # optional: defaults between the request's and the model's
+temperature = 1.0
 ```
 """
 
@@ -54,11 +60,33 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
+class Preset:
+    """One [presets.NAME] table: a system prompt, and optionally a default model and sampling."""
+
+    name: str
+    system: str
+    model: str | None = None
+    sampling: Mapping[str, object] = field(default_factory=lambda: MappingProxyType({}))
+
+    def apply_sampling(self, body: dict) -> dict:
+        """The request body with the preset's sampling filled in where the request is silent."""
+        return _fill_sampling(body, self.sampling)
+
+
+@dataclass(frozen=True)
 class ModelsConfig:
     """The parsed models config; empty when there is none."""
 
     entries: tuple[ModelEntry, ...] = ()
     source: Path | None = None
+    presets: Mapping[str, Preset] = field(default_factory=lambda: MappingProxyType({}))
+
+    def preset(self, name: object) -> Preset:
+        """The preset a request names; 404 preset_not_found (with the preset names) otherwise."""
+        if isinstance(name, str) and name in self.presets:
+            return self.presets[name]
+        raise ApiError(404, "preset_not_found", f"no preset {name!r} in the models config",
+                       param="preset", details={"available": sorted(self.presets)})
 
     def for_file(self, file: str) -> ModelEntry | None:
         return next((e for e in self.entries if e.file == file), None)
@@ -71,14 +99,47 @@ class ModelsConfig:
     def apply_sampling_defaults(self, file: str, body: dict) -> dict:
         """The request body with the model's sampling defaults filled in where the request is silent."""
         entry = self.for_file(file)
-        if entry is None:
-            return body
-        merged = dict(body)
-        for key, value in entry.sampling.items():
-            # max_completion_tokens is the newer spelling of max_tokens: a request giving it is not silent.
-            if merged.get(key) is None and not (key == "max_tokens" and merged.get("max_completion_tokens")):
-                merged[key] = value
-        return merged
+        return body if entry is None else _fill_sampling(body, entry.sampling)
+
+
+def _fill_sampling(body: dict, sampling: Mapping[str, object]) -> dict:
+    merged = dict(body)
+    for key, value in sampling.items():
+        # max_completion_tokens is the newer spelling of max_tokens: a request giving it is not silent.
+        if merged.get(key) is None and not (key == "max_tokens" and merged.get("max_completion_tokens")):
+            merged[key] = value
+    return merged
+
+
+def _sampling(where: str, sampling: object) -> Mapping[str, object]:
+    """A validated [....sampling] table."""
+    if not isinstance(sampling, dict):
+        raise ConfigError(f"[{where}.sampling] must be a table")
+    for key, value in sampling.items():
+        if key not in SAMPLING_TYPES:
+            raise ConfigError(f"[{where}.sampling]: unknown key {key!r} (known: {', '.join(SAMPLING_TYPES)})")
+        if isinstance(value, bool) or not isinstance(value, SAMPLING_TYPES[key]):
+            raise ConfigError(f"[{where}.sampling] {key} has the wrong type: {value!r}")
+    return MappingProxyType(dict(sampling))
+
+
+def _preset(name: str, table: object) -> Preset:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[presets.{name}] must be a table")
+    unknown = set(table) - {"system", "model", "sampling"}
+    if unknown:
+        raise ConfigError(f"[presets.{name}]: unknown keys {', '.join(sorted(unknown))}")
+    system = table.get("system")
+    if not isinstance(system, str) or not system.strip():
+        raise ConfigError(f"[presets.{name}] needs a system prompt: system = \"...\"")
+    model = table.get("model")
+    try:
+        check_requested_name(name)
+        if model is not None:
+            check_requested_name(model)
+    except ApiError as err:
+        raise ConfigError(f"[presets.{name}]: {err.message}") from None
+    return Preset(name, system, model, _sampling(f"presets.{name}", table.get("sampling", {})))
 
 
 def _entry(name: str, table: object) -> ModelEntry:
@@ -97,24 +158,17 @@ def _entry(name: str, table: object) -> ModelEntry:
             check_requested_name(alias)
     except ApiError as err:
         raise ConfigError(f"[models.{name}]: {err.message}") from None
-    sampling = table.get("sampling", {})
-    if not isinstance(sampling, dict):
-        raise ConfigError(f"[models.{name}.sampling] must be a table")
-    for key, value in sampling.items():
-        if key not in SAMPLING_TYPES:
-            raise ConfigError(f"[models.{name}.sampling]: unknown key {key!r} (known: {', '.join(SAMPLING_TYPES)})")
-        if isinstance(value, bool) or not isinstance(value, SAMPLING_TYPES[key]):
-            raise ConfigError(f"[models.{name}.sampling] {key} has the wrong type: {value!r}")
+    sampling = _sampling(f"models.{name}", table.get("sampling", {}))
     try:
         settings = ModelSettings(**{k: table[k] for k in SETTING_KEYS if k in table})
     except ValueError as err:
         raise ConfigError(f"[models.{name}]: {err}") from None
-    return ModelEntry(name, file, tuple(aliases), settings, MappingProxyType(dict(sampling)))
+    return ModelEntry(name, file, tuple(aliases), settings, sampling)
 
 
 def parse_models_config(data: dict, source: Path | None = None) -> ModelsConfig:
     """Validate a parsed TOML document; raise ConfigError on the first problem."""
-    unknown = set(data) - {"models"}
+    unknown = set(data) - {"models", "presets"}
     if unknown:
         raise ConfigError(f"models config: unknown top-level keys {', '.join(sorted(unknown))}")
     tables = data.get("models", {})
@@ -137,7 +191,10 @@ def parse_models_config(data: dict, source: Path | None = None) -> ModelsConfig:
                 raise ConfigError(f"models config: the name {name!r} of [models.{entry.name}] "
                                   f"already means {clash}")
             seen_names[key] = entry.file
-    return ModelsConfig(entries, source)
+    presets = data.get("presets", {})
+    if not isinstance(presets, dict):
+        raise ConfigError("models config: [presets] must be a table of [presets.NAME] tables")
+    return ModelsConfig(entries, source, MappingProxyType({n: _preset(n, t) for n, t in presets.items()}))
 
 
 def load_models_config(path: Path | str | None) -> ModelsConfig:
