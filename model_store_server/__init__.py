@@ -10,6 +10,8 @@ from model_store_server.config import StoreConfig
 from model_store_server.core import build_core
 from model_store_server.forwarding import install_request_lines
 from model_store_server.model_names import ModelNames
+from model_store_server.session_chat import Sessions
+from model_store_server.sessions import SessionLocks, SessionStore
 from model_store_server.transport import Transport
 from model_swap.auth import install_token_check
 from model_swap.errors import ApiError, register_error_handlers
@@ -23,18 +25,21 @@ def create_app(config: StoreConfig, worker=None, transport: Transport | None = N
     app = Flask(__name__)
     core = build_core(config, worker, transport)
     names = ModelNames(core.catalog, config.models_config)
-    app.extensions["store"] = {"config": config, "core": core, "names": names}
+    sessions = Sessions(SessionStore(config.sessions_db, config.session_ttl_s), SessionLocks(), config.session_bounds,
+                        config.queue_timeout_s)
+    app.extensions["store"] = {"config": config, "core": core, "names": names, "sessions": sessions}
     register_error_handlers(app)
     install_request_logging(app, log)
     install_token_check(app, config.api_key, open_endpoints={"admin.health"})
     install_request_lines(app)
 
-    from model_store_server import routes_admin, routes_ollama, routes_openai, routes_user
+    from model_store_server import routes_admin, routes_ollama, routes_openai, routes_user, session_routes
 
     app.register_blueprint(routes_user.bp)
     app.register_blueprint(routes_openai.bp)
     app.register_blueprint(routes_ollama.bp)
     app.register_blueprint(routes_admin.bp)
+    app.register_blueprint(session_routes.bp)
     reconciled = "not yet"
     if config.reconcile_on_start:
         try:
@@ -44,8 +49,8 @@ def create_app(config: StoreConfig, worker=None, transport: Transport | None = N
             log.warning("worker not reconciled at start-up (%s); will retry on the next request", err.message)
     core.start()
     log.info("store ready: models=%s policy=%s worker=%s transport=%s keep_alive=%ss pinned=[%s] preload=[%s] "
-             "models_config=%s (%d entries); %s", core.catalog.root, config.cache_policy, config.worker_url,
+             "models_config=%s (%d entries, %d presets) sessions=%s; %s", core.catalog.root, config.cache_policy, config.worker_url,
              config.transport, config.keep_alive_seconds, ", ".join(config.pinned_models),
              ", ".join(config.preload_models), config.models_config.source, len(config.models_config.entries),
-             reconciled)
+             len(config.models_config.presets), config.sessions_db or "memory", reconciled)
     return app

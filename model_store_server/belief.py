@@ -123,6 +123,13 @@ class WorkerBelief:
         with self._lock:
             return [r.name for r in sorted(self._resident.values(), key=lambda r: r.last_used)]
 
+    def last_loaded(self) -> str | None:
+        """The model loaded most recently, or None when none is resident."""
+        with self._lock:
+            # Reversed: models adopted together (same loaded_at) are in the worker's load order; the last wins.
+            newest = max(reversed(list(self._resident.values())), key=lambda r: r.loaded_at, default=None)
+            return None if newest is None else newest.name
+
     def has_copy(self, name: str, sha256: str) -> bool:
         """Whether the worker's copy of `name` is the store's current file."""
         with self._lock:

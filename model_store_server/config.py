@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from model_store_server.models_config import ModelsConfig, load_models_config
+from model_store_server.session_history import SessionBounds
 from model_swap.cli import add_setting, add_switch, settings_parser
 from model_swap.config import LOOPBACK_HOSTS, ConfigError, parse_number, parse_optional_number
 from model_swap.errors import ApiError
@@ -50,6 +51,10 @@ class StoreConfig:
     max_queue: int = 64  # requests waiting per model before 429 queue_full
     queue_timeout_s: float = 300.0  # longest wait before 503 queue_timeout
     models_config: ModelsConfig = ModelsConfig()
+    # Chat sessions (docs/architecture.md, "Sessions"); None keeps them in memory only (tests).
+    sessions_db: Path | None = None
+    session_bounds: SessionBounds = SessionBounds()
+    session_ttl_s: float = 7 * 86400.0
 
     def __post_init__(self) -> None:
         if self.cache_policy not in POLICIES:
@@ -84,6 +89,8 @@ class StoreConfig:
         if len(self.pinned_models) >= self.max_cache_size and self.cache_policy != "ttl":
             raise ConfigError(f"PINNED_MODELS ({len(self.pinned_models)}) must leave room in MAX_CACHE_SIZE="
                               f"{self.max_cache_size} for other models")
+        if self.session_ttl_s <= 0:
+            raise ConfigError(f"SESSION_TTL_S must be positive, got {self.session_ttl_s}")
         if self.request_timeout_s <= 0:
             raise ConfigError(f"REQUEST_TIMEOUT_S must be positive, got {self.request_timeout_s}")
         if self.host not in LOOPBACK_HOSTS and not self.api_key and not self.allow_insecure:
@@ -140,6 +147,17 @@ def store_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                 "requests that may wait for one model before 429 queue_full")
     add_setting(p, env, "--queue-timeout-s", "QUEUE_TIMEOUT_S", d.queue_timeout_s,
                 "longest wait for a model before 503 queue_timeout")
+    add_setting(p, env, "--sessions-db", "SESSIONS_DB", None,
+                "SQLite file of the chat sessions (default: $RUN_DIR/sessions.db, RUN_DIR defaulting to ./run)")
+    b = SessionBounds
+    add_setting(p, env, "--session-max-messages", "SESSION_MAX_MESSAGES", b.max_messages,
+                "most messages a session request sends (the system prompt and the request's own included)")
+    add_setting(p, env, "--session-max-chars", "SESSION_MAX_CHARS", b.max_chars,
+                "most characters of messages a session request sends")
+    add_setting(p, env, "--session-max-prompt-tokens", "SESSION_MAX_PROMPT_TOKENS", b.max_prompt_tokens,
+                "most prompt tokens a session request sends (default: what fits the model's context)")
+    add_setting(p, env, "--session-ttl-s", "SESSION_TTL_S", d.session_ttl_s,
+                "seconds an idle session is kept")
     return p
 
 
@@ -173,6 +191,11 @@ def load_store_config(argv: Sequence[str] | None = None, env: Mapping[str, str] 
         max_queue=parse_number(a.max_queue, "MAX_QUEUE"),
         queue_timeout_s=parse_number(a.queue_timeout_s, "QUEUE_TIMEOUT_S", float),
         models_config=load_models_config(a.models_config),
+        sessions_db=Path(a.sessions_db) if a.sessions_db else Path(env.get("RUN_DIR") or "./run") / "sessions.db",
+        session_bounds=SessionBounds(parse_number(a.session_max_messages, "SESSION_MAX_MESSAGES"),
+                                     parse_number(a.session_max_chars, "SESSION_MAX_CHARS"),
+                                     parse_optional_number(a.session_max_prompt_tokens, "SESSION_MAX_PROMPT_TOKENS")),
+        session_ttl_s=parse_number(a.session_ttl_s, "SESSION_TTL_S", float),
     )
 
 

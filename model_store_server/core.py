@@ -81,6 +81,10 @@ class StoreCore:
         belief = self.slot_for(name).belief
         return belief.cached(), belief.resident()
 
+    def active_model(self) -> str | None:
+        """The model most recently loaded on the first worker (what a request for "active" means), or None."""
+        return self.slots[0].belief.last_loaded()
+
     def progress_text(self, name: str) -> str:
         """What a request waiting for `name` is waiting for, in a few words."""
         slot = self.slot_for(name)

@@ -12,7 +12,7 @@ import math
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterator
+from typing import Callable, Iterator
 
 from flask import Flask, Response, g, request
 
@@ -28,6 +28,8 @@ from model_swap.web import GenerationRequest
 log = logging.getLogger(__name__)
 # The worker no longer has the model we believed loaded (it restarted, or is unloading it): retry once.
 RETRY_CODES = frozenset({"model_not_loaded", "model_unloading"})
+# Turns the request into what is sent, once the model is leased: (request, token counter) -> request.
+Prepare = Callable[[GenerationRequest, Callable[[list[dict]], tuple[int, int]]], GenerationRequest]
 GENERATION_ENDPOINTS = frozenset({"user.user_request", "openai.completions", "openai.chat_completions",
                                   "ollama.generate", "ollama.chat"})
 
@@ -117,17 +119,22 @@ def keep_alive_of(body: dict) -> float | None:
 
 
 def start_generation(store: StoreCore, model: str, generation: GenerationRequest, stream_format: str = "text",
-                     keep_alive_s: float | None = None, outcome: Outcome | None = None) -> Forward:
+                     keep_alive_s: float | None = None, outcome: Outcome | None = None,
+                     prepare: Prepare | None = None) -> Forward:
     """Make sure `model` is loaded and start generating; one retry if the worker lost it.
 
     `outcome` says what the request caused, also when it fails; after a decision, the error
-    carries the cache headers too."""
+    carries the cache headers too. `prepare` (a session's history trim) runs holding the lease,
+    with the worker's token count for the loaded model."""
     outcome = Outcome() if outcome is None else outcome
     try:
         for attempt in (1, 2):
             lease = store.lease(model, keep_alive_s, outcome)
             try:
-                upstream = lease.executor.worker.infer(model, generation, stream_format)
+                worker = lease.executor.worker
+                sent = generation if prepare is None else prepare(
+                    generation, lambda messages: worker.tokenize(model, messages))
+                upstream = worker.infer(model, sent, stream_format)
                 break
             except ApiError as err:
                 lease.release()
@@ -161,8 +168,8 @@ class PendingForward:
     """start_generation on its own thread, so a streaming response can say it is waiting meanwhile."""
 
     def __init__(self, store: StoreCore, model: str, generation: GenerationRequest, stream_format: str,
-                 keep_alive_s: float | None, outcome: Outcome):
-        self._store, self._model, self._outcome = store, model, outcome
+                 keep_alive_s: float | None, outcome: Outcome, prepare: Prepare | None = None):
+        self._store, self._model, self._outcome, self._prepare = store, model, outcome, prepare
         self._endpoint = request.path
         self._done = threading.Event()
         self._lock = threading.Lock()
@@ -179,7 +186,7 @@ class PendingForward:
         forward, error = None, None
         try:
             forward = start_generation(self._store, self._model, generation, stream_format, keep_alive_s,
-                                       self._outcome)
+                                       self._outcome, self._prepare)
         except BaseException as err:  # handed to the waiting response
             error = err
         with self._lock:

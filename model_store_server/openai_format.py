@@ -10,8 +10,9 @@ NEUTRAL = {"n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix"
            "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none")}
 # Applied (GENERATION_FIELDS go to llama.cpp, the output options through internal_body, keep_alive to the
 # store's core), or metadata with no effect on the answer ("user"); anything else is refused.
+# session_id and preset are model-swap's own (session_chat.py).
 ACCEPTED = GENERATION_FIELDS | {"model", "stream", "stream_options", "user", "keep_alive", "logprobs",
-                                "top_logprobs", "response_format"} | set(NEUTRAL)
+                                "top_logprobs", "response_format", "session_id", "preset"} | set(NEUTRAL)
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound for /v1/completions; chat allows top_logprobs up to 20
 
 

@@ -20,6 +20,7 @@ from model_store_server import state
 from model_store_server.forwarding import Forward, begin_request, keep_alive_of, load_model, start_generation
 from model_store_server.gguf_info import read_metadata
 from model_store_server.model_names import model_names
+from model_store_server.session_chat import ChatContext, open_chat, resolve_model
 from model_store_server.worker_events import collect, events, worker_headers
 from model_swap.errors import ApiError
 from model_swap.web import json_body, parse_generation
@@ -141,19 +142,33 @@ def _ndjson(objects: Iterator[dict]) -> Iterator[str]:
 def _generate(chat: bool):
     started = time.perf_counter()
     body = json_body()
+    context = open_chat(body, chat)
+    try:
+        return _generate_in(body, chat, context, started)
+    except BaseException:
+        context.close()
+        raise
+
+
+def _generate_in(body: dict, chat: bool, context: ChatContext, started: float):
     names = model_names()
-    model = names.resolve(body.get("model"))
+    model = resolve_model(context.requested_model(body))
     stream = body.get("stream", True)  # Ollama streams unless told not to
     if not isinstance(stream, bool):
         raise ApiError(400, "invalid_request", "stream must be true or false", param="stream")
     keep_alive_s = keep_alive_of(body)  # how long the model stays once idle (the core's keep-alive)
     empty = not body.get("messages") if chat else not body.get("prompt")
     if empty:
+        context.close()
         return _load_only(model, keep_alive_s)
     fields = fmt.chat_body(body) if chat else fmt.generate_body(body)
-    generation = parse_generation(names.config.apply_sampling_defaults(model, fields), chat="messages" in fields)
-    forward = start_generation(state.core(), model, generation, "ndjson", keep_alive_s, begin_request(model))
-    name = body.get("model")
+    fields = names.config.apply_sampling_defaults(model, context.sampling_defaults(fields))
+    generation = parse_generation(fields, chat="messages" in fields)
+    if generation.messages is not None:
+        generation = context.compose(generation)
+    forward = start_generation(state.core(), model, generation, "ndjson", keep_alive_s, begin_request(model),
+                               context.fit if context.fits_tokens else None)
+    name = body.get("model") or model
 
     def piece(text: str) -> dict:
         content = {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
@@ -161,12 +176,15 @@ def _generate(chat: bool):
 
     if not stream:
         done = collect(forward)
+        if done.summary:
+            context.record(model, done.text, done.summary)
+        context.close()
         first = done.first_text_at - started if done.first_text_at else None
         response = forward.attach(jsonify(dict(piece(done.text), **_timings(forward, done.summary, started, first))))
     else:
         def lines() -> Iterator[dict]:
             first = None
-            for event in events(forward):
+            for event in context.observe(model, events(forward)):
                 if "text" in event:
                     first = first or time.perf_counter() - started
                     yield piece(event["text"])
@@ -177,6 +195,7 @@ def _generate(chat: bool):
             yield {"error": "the worker's stream broke off before the answer was complete", "code": "worker_error"}
 
         response = forward.attach(Response(_ndjson(lines()), mimetype="application/x-ndjson"))
+        response.call_on_close(context.close)
     response.headers.update(worker_headers(forward))
     return response
 

@@ -6,6 +6,7 @@ body. Sampling parameters llama.cpp has (seed, top_p, stop, penalties, max_compl
 logprobs and response_format are applied, `keep_alive` goes to the store's core; tool calls,
 n > 1, logit_bias and anything unknown are refused (openai_format.NEUTRAL), never ignored.
 A streaming request that waits for a swap gets SSE comment lines (`: transferring X... 45%`) meanwhile.
+A chat may name a session (`X-Session-Id` or `session_id`) and a `preset` (session_chat.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from model_store_server import openai_format as fmt
 from model_store_server import state
 from model_store_server.forwarding import Forward, PendingForward, begin_request, keep_alive_of, start_generation
 from model_store_server.model_names import model_names
+from model_store_server.session_chat import ChatContext, open_chat, resolve_model
 from model_store_server.worker_events import collect, events, usage, worker_headers
 from model_swap.errors import ApiError
 from model_swap.web import GenerationRequest, json_body, parse_generation
@@ -41,15 +43,17 @@ def _choice(chat: bool, text: str | None, finish_reason: str | None, stream: boo
     return choice
 
 
-def _parse(body: dict, chat: bool) -> tuple[str, GenerationRequest]:
-    """Resolve the model, fill in its sampling defaults, and validate the request in the store's spelling."""
-    fmt.refuse_unsupported(body)
+def _parse(body: dict, chat: bool, context: ChatContext) -> tuple[str, GenerationRequest]:
+    """Resolve the model, fill in the preset's and its sampling defaults, and validate the request in the store's
+    spelling (with the session's history, for a session)."""
     if not chat and not isinstance(body.get("prompt"), str):
         raise ApiError(400, "invalid_request", "prompt must be one string", param="prompt")
     names = model_names()
-    model = names.resolve(body.get("model"))
-    body = names.config.apply_sampling_defaults(model, body)
+    model = resolve_model(context.requested_model(body))
+    body = names.config.apply_sampling_defaults(model, context.sampling_defaults(body))
     request = parse_generation(fmt.internal_body(body, chat), chat=chat)
+    if chat:
+        request = context.compose(request)
     if request.logprobs is not None and not names.config.settings_for(model).logprobs:
         raise ApiError(400, "unsupported_parameter", f"{model} does not keep logprobs; set logprobs = true for it "
                                                      "in the models config (MODELS_CONFIG)", param="logprobs")
@@ -58,7 +62,18 @@ def _parse(body: dict, chat: bool) -> tuple[str, GenerationRequest]:
 
 def _generate(chat: bool):
     body = json_body()
-    model, request = _parse(body, chat)
+    fmt.refuse_unsupported(body)
+    context = open_chat(body, chat)
+    try:
+        return _generate_in(body, chat, context)
+    except BaseException:
+        context.close()
+        raise
+
+
+def _generate_in(body: dict, chat: bool, context: ChatContext):
+    model, request = _parse(body, chat, context)
+    prepare = context.fit if context.fits_tokens else None
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "invalid_request", "stream must be true or false", param="stream")
@@ -74,8 +89,11 @@ def _generate(chat: bool):
         return fmt.chat_logprobs(pieces) if chat else fmt.completion_logprobs(pieces, offset)
 
     if not stream:
-        forward = start_generation(store, model, request, "ndjson", keep_alive_s, outcome)
+        forward = start_generation(store, model, request, "ndjson", keep_alive_s, outcome, prepare)
         done = collect(forward)
+        if done.summary:
+            context.record(model, done.text, done.summary)
+        context.close()
         answer = dict(base, choices=[_choice(chat, done.text, done.summary.get("finish_reason"), False,
                                              logprobs(done.logprobs))])
         if (counts := usage(done.summary)) is not None:
@@ -95,7 +113,7 @@ def _generate(chat: bool):
         if chat:
             yield frame([dict(_choice(True, None, None, True, None), delta={"role": "assistant"})])
         offset = 0
-        for event in events(forward):
+        for event in context.observe(model, events(forward)):
             if "text" in event:
                 yield frame([_choice(chat, event["text"], None, True, logprobs(event.get("logprobs"), offset))])
                 offset += len(event["text"])
@@ -105,10 +123,11 @@ def _generate(chat: bool):
                     yield frame([], usage=usage(event))
         yield "data: [DONE]\n\n"
 
-    pending = PendingForward(store, model, request, "ndjson", keep_alive_s, outcome)
+    pending = PendingForward(store, model, request, "ndjson", keep_alive_s, outcome, prepare)
     if pending.wait(WAIT_BEFORE_PROGRESS_S):
         forward = pending.result()  # an error here is answered with its status, as without streaming
         response = forward.attach(Response(sse(forward), mimetype="text/event-stream"))
+        response.call_on_close(context.close)
         response.headers.update(worker_headers(forward))
         return response
     pending.take_over_line()
@@ -133,7 +152,9 @@ def _generate(chat: bool):
         finally:
             pending.abandon()
 
-    return Response(waiting_sse(), mimetype="text/event-stream", headers={"X-Accel-Buffering": "no"})
+    response = Response(waiting_sse(), mimetype="text/event-stream", headers={"X-Accel-Buffering": "no"})
+    response.call_on_close(context.close)
+    return response
 
 
 @bp.post("/completions")

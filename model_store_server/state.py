@@ -14,3 +14,8 @@ def core() -> StoreCore:
 
 def config() -> StoreConfig:
     return current_app.extensions["store"]["config"]
+
+
+def sessions():
+    """The chat sessions (model_store_server.session_chat.Sessions)."""
+    return current_app.extensions["store"]["sessions"]
