@@ -65,8 +65,10 @@ class ServiceStarter:
               ttl_seconds: float | None = None, extra: list[str] | None = None, token: str | None = None,
               port: int | None = None, env: dict[str, str] | None = None) -> ServiceProcess:
         worker_url = worker if isinstance(worker, str) else worker.url
+        # The sessions database lives with the test's services (a restarted store finds it again), not in ./run.
         args = ["--models-dir", str(models_dir), "--worker-url", worker_url, "--cache-policy", policy,
-                "--max-cache-size", str(max_cache_size), *(extra or [])]
+                "--max-cache-size", str(max_cache_size), "--sessions-db", str(self.directory / "sessions.db"),
+                *(extra or [])]
         if ttl_seconds is not None:
             args += ["--ttl-seconds", str(ttl_seconds)]
         if token:
