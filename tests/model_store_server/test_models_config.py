@@ -112,10 +112,26 @@ def test_settings_and_sampling_defaults(names):
      "already means x.gguf"),
     ({"models": {"x": {"file": "x.gguf", "aliases": ["y"]}, "z": {"file": "y.gguf"}}}, "already means y.gguf"),
     ({"model": {}}, "unknown top-level keys model"),
+    ({"presets": {"p": {"model": "x"}}}, "needs a system prompt"),
+    ({"presets": {"p": {"system": "s", "temperature": 1}}}, "unknown keys temperature"),
+    ({"presets": {"p": {"system": "s", "model": "a/b"}}}, "is not a model name"),
+    ({"presets": {"p": {"system": "s", "sampling": {"temperature": "hot"}}}}, "wrong type"),
+    ({"presets": []}, "[presets] must be a table"),
 ])
 def test_invalid_config_is_refused_with_the_reason(document, complaint):
     with pytest.raises(ConfigError, match=complaint.replace("(", r"\(").replace("[", r"\[")):
         parse_models_config(document)
+
+
+def test_presets_give_a_system_prompt_a_model_and_sampling_under_the_request():
+    config = parse_models_config({"presets": {"pirate": {"system": "Arr.", "model": "gemma",
+                                                         "sampling": {"temperature": 1.0, "max_tokens": 9}}}})
+    preset = config.preset("pirate")
+    assert (preset.system, preset.model) == ("Arr.", "gemma")
+    assert preset.apply_sampling({"temperature": 0.2}) == {"temperature": 0.2, "max_tokens": 9}
+    with pytest.raises(ApiError) as err:
+        config.preset("ninja")
+    assert err.value.code == "preset_not_found" and err.value.details["available"] == ["pirate"]
 
 
 def test_store_config_reads_models_config_at_start(tmp_path):
