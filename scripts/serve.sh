@@ -42,7 +42,7 @@ export MODELS_CONFIG="${MODELS_CONFIG-$REPO/models.toml}"  # names and per-model
 # One cache and one run folder per instance: two serve.sh on other ports must not share (and
 # reconcile away) each other's models.
 export MODEL_CACHE_DIR="${MODEL_CACHE_DIR:-$REPO/model_cache/$STORE_PORT}"
-RUN_DIR="${RUN_DIR:-$REPO/run/$STORE_PORT}"
+export RUN_DIR="${RUN_DIR:-$REPO/run/$STORE_PORT}"  # the store keeps its sessions.db here
 export WORKER_URL="${WORKER_URL:-http://127.0.0.1:$WORKER_PORT}"
 STORE_URL="http://127.0.0.1:$STORE_PORT"
 mkdir -p "$RUN_DIR"

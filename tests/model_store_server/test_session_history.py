@@ -150,3 +150,26 @@ def test_session_endpoints_refuse_bad_ids_and_unknown_sessions(tmp_path):
     assert client.get("/sessions/none").status_code == 404
     r = client.delete("/sessions/none")
     assert r.status_code == 404 and r.json["error"]["code"] == "session_not_found"
+
+
+def test_history_is_counted_on_the_leased_model_and_trimmed(tmp_path):
+    """Through the store's routes (fake worker): the count comes after the load, on the model that answers,
+    and the oldest turns go first while the system prompt stays."""
+    from model_store_server.session_history import SessionBounds as Bounds
+
+    app, fake = fake_store(tmp_path, session_bounds=Bounds(max_prompt_tokens=40))
+    client = app.test_client()
+    system = {"role": "system", "content": "be kind"}
+    for i, model in enumerate(("a.gguf", "a.gguf", "b.gguf")):
+        r = client.post("/v1/chat/completions", headers={"X-Session-Id": "s"}, json={
+            "model": model, "max_tokens": 4, "messages": [*([system] if i == 0 else []),
+                                                          {"role": "user", "content": f"{i} " + "x" * 40}]})
+        assert r.status_code == 200, r.json
+    assert fake.calls.index("load b.gguf") < fake.calls.index("tokenize b.gguf")
+    model, sent = fake.sent[-1]
+    assert model == "b.gguf" and sent[0] == system and sent[-1]["content"].startswith("2 ")
+    # Stand-in counts: system 2, each question 11, each answer 3; both earlier turns (41) exceed 40, one fits.
+    assert len(sent) == 4 and sent[1]["content"].startswith("1 ")
+    session = client.get("/sessions/s").json
+    assert session["system"] == "be kind" and len(session["messages"]) == 6
+    assert [m["context_messages"] for m in session["messages"] if m["role"] == "assistant"] == [2, 4, 4]

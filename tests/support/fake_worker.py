@@ -43,6 +43,7 @@ class FakeStream:
     model: str
     pieces: list[bytes]
     closed: bool = False
+    headers: dict = field(default_factory=dict)  # the worker's response headers (none passed on here)
     _done: threading.Event = field(default_factory=threading.Event)
 
     def close(self) -> None:
@@ -73,6 +74,8 @@ class FakeWorker:
         self.load_seconds = 0.0
         self.up = True
         self.failures: dict[str, ApiError] = {}
+        self.n_ctx = 2048
+        self.sent: list[tuple[str, tuple[dict, ...] | None]] = []  # each generation's model and chat messages
         self._holds: dict[str, threading.Event] = {}
         self._cond = threading.Condition()
 
@@ -216,6 +219,7 @@ class FakeWorker:
             m.active += 1
             m.last_used = time.monotonic()
             self.generations.append(model)
+            self.sent.append((model, request.messages))
             self.calls.append(f"infer {model}")
         if stream_format == "ndjson":
             pieces = [b'{"text": "fake "}\n', b'{"text": "text"}\n',
@@ -223,6 +227,15 @@ class FakeWorker:
         else:
             pieces = [f"[{model}]".encode(), b" fake text"]
         return FakeStream(self, model, pieces)
+
+    def tokenize(self, model: str, messages: list[dict]) -> tuple[int, int]:
+        """(tokens, n_ctx) with a stand-in count (no tokenizer here): one token per message and per 4 bytes."""
+        with self._cond:
+            self._check("tokenize")
+            if model not in self.loaded:
+                raise worker_error(409, "model_not_loaded", f"{model} is not loaded")
+            self.calls.append(f"tokenize {model}")
+        return sum(1 + len(m["content"].encode()) // 4 for m in messages), self.n_ctx
 
     def iter_text(self, upstream: FakeStream) -> Iterator[bytes]:
         try:
