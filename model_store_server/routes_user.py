@@ -7,6 +7,7 @@ from flask import Blueprint, Response
 from model_store_server import state
 from model_store_server.forwarding import begin_request, keep_alive_of, start_generation
 from model_store_server.model_names import model_names
+from model_store_server.session_chat import resolve_model
 from model_swap.web import GENERATION_FIELDS, json_body, parse_generation, refuse_unknown
 
 bp = Blueprint("user", __name__)
@@ -19,7 +20,7 @@ def user_request():
     body = json_body()
     refuse_unknown(body, ACCEPTED)
     names = model_names()
-    model = names.resolve(body.get("model"))
+    model = resolve_model(body.get("model"))  # "active": the model loaded most recently
     generation = parse_generation(names.config.apply_sampling_defaults(model, body), chat=False)
     keep_alive_s = keep_alive_of(body)
     forward = start_generation(state.core(), model, generation, keep_alive_s=keep_alive_s,

@@ -149,3 +149,4 @@ def test_store_config_reads_models_config_at_start(tmp_path):
 def test_the_shipped_models_config_is_valid():
     config = load_models_config(REPO / "models.toml")  # what scripts/serve.sh gives the store
     assert {e.file for e in config.entries} == {"gemma-3-270m-q4_k_m.gguf", "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    assert config.preset("brief").model == "smollm2"

@@ -137,10 +137,17 @@ def test_sessions_and_presets_are_for_chats_only(tmp_path):
         assert r.status_code == 400 and r.json["error"]["code"] == "invalid_request", field
 
 
-def test_active_with_nothing_loaded_is_404(tmp_path):
-    app, _ = fake_store(tmp_path)
-    r = app.test_client().post("/v1/completions", json={"model": "active", "prompt": "hi"})
-    assert r.status_code == 404 and r.json["error"]["code"] == "no_active_model"
+def test_active_is_the_model_loaded_last_on_every_endpoint(tmp_path):
+    app, fake = fake_store(tmp_path)
+    client = app.test_client()
+    for path in ("/v1/completions", "/user_request"):
+        r = client.post(path, json={"model": "active", "prompt": "hi"})
+        assert r.status_code == 404 and r.json["error"]["code"] == "no_active_model"
+    for name in ("b.gguf", "a.gguf"):
+        assert client.post("/user_request", json={"model": name, "prompt": "hi"}).status_code == 200
+    r = client.post("/user_request", json={"model": "active", "prompt": "hi"})
+    assert r.status_code == 200 and r.headers["X-Cache-Action"] == "already_loaded"
+    assert fake.generations[-1] == "a.gguf"
 
 
 def test_session_endpoints_refuse_bad_ids_and_unknown_sessions(tmp_path):
