@@ -80,6 +80,7 @@ class SessionStore:
         self.path = path
         self._ttl_s = ttl_s
         self._clock = clock
+        self._next_expiry = 0.0
         self._lock = threading.Lock()
         # isolation_level=None: we open transactions ourselves (BEGIN IMMEDIATE), one per change.
         self._db = sqlite3.connect(":memory:" if path is None else str(path), check_same_thread=False,
@@ -104,8 +105,13 @@ class SessionStore:
             self._db.execute("COMMIT")
 
     def expire(self) -> int:
-        """Delete the sessions idle for longer than the ttl; how many went."""
-        cutoff = self._clock() - self._ttl_s
+        """Delete the sessions idle for longer than the ttl; how many went. At most every tenth of the ttl
+        (and every minute): it is a write, and most accesses find nothing to expire."""
+        now = self._clock()
+        if now < self._next_expiry:
+            return 0
+        self._next_expiry = now + min(self._ttl_s / 10, 60.0)
+        cutoff = now - self._ttl_s
         with self._transaction() as db:
             db.execute("DELETE FROM messages WHERE session_id IN (SELECT id FROM sessions WHERE updated < ?)",
                        (cutoff,))
@@ -118,7 +124,8 @@ class SessionStore:
         """The session, or None if there is none (or it expired)."""
         self.expire()
         with self._lock:
-            row = self._db.execute("SELECT * FROM sessions WHERE id = ?", (session_id,)).fetchone()
+            row = self._db.execute("SELECT * FROM sessions WHERE id = ? AND updated >= ?",
+                                   (session_id, self._clock() - self._ttl_s)).fetchone()
             if row is None:
                 return None
             rows = self._db.execute("SELECT * FROM messages WHERE session_id = ? ORDER BY seq",

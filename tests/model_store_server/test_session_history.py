@@ -96,8 +96,12 @@ def test_store_keeps_sessions_in_the_file_and_expires_idle_ones(tmp_path):
     session = again.get("s1")
     assert session.preset == "p" and [m["content"] for m in session.messages] == ["re one", "two", "re two"]
     assert session.messages[-1]["model"] == "m.gguf" and session.messages[-1]["prompt_tokens"] == 5
-    now[0] += 61
-    assert again.get("s1") is None
+    _record(again, "s2", "fresh")
+    now[0] += 59
+    _record(again, "s2", "still")
+    now[0] += 2
+    assert again.get("s1") is None  # idle 61 s: expired (and deleted)
+    assert again.get("s2") is not None  # used 2 s ago
     assert not again.delete("s1")
 
 
