@@ -37,6 +37,22 @@ class Sessions:
     bounds: SessionBounds
     wait_s: float  # how long a request waits for its session's previous request
 
+    def find(self, session_id: str) -> Session:
+        """The stored session; 404 session_not_found if there is none (or it expired)."""
+        stored = self.store.get(check_session_id(session_id))
+        if stored is None:
+            raise ApiError(404, "session_not_found", f"no session {session_id} (or it expired)", param="session_id")
+        return stored
+
+    def delete(self, session_id: str) -> None:
+        """Forget a session once a request running on it has ended; 404 session_not_found if there is none."""
+        self.locks.acquire(check_session_id(session_id), self.wait_s)
+        try:
+            if not self.store.delete(session_id):
+                raise ApiError(404, "session_not_found", f"no session {session_id}", param="session_id")
+        finally:
+            self.locks.release(session_id)
+
 
 def resolve_model(requested: object) -> str:
     """The file a request's model name means; "active" is the model most recently loaded (404 no_active_model)."""

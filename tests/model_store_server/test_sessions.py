@@ -6,6 +6,7 @@ restart has its own pair.
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 
@@ -90,7 +91,8 @@ def test_second_turn_on_another_model_carries_the_first(pair, sid):
     assert [a["model"] for a in answers] == ["a.gguf", "b.gguf"]
     assert [a["context_messages"] for a in answers] == [1, 3]
     # The second prompt is the whole conversation, as beta's tokenizer and template count it.
-    assert answers[1]["prompt_tokens"] == second.usage.prompt_tokens == _tokens(worker.url, "b.gguf", _turns(session)[:3])
+    whole = _tokens(worker.url, "b.gguf", _turns(session)[:3])
+    assert answers[1]["prompt_tokens"] == second.usage.prompt_tokens == whole
     assert answers[1]["prompt_tokens"] > _tokens(worker.url, "b.gguf", _turns(session)[2:3])
     assert answers[1]["completion_tokens"] == second.usage.completion_tokens
 
@@ -100,14 +102,13 @@ def test_streamed_answers_are_appended_on_both_apis(pair, sid):
     r = requests.post(store.url + "/v1/chat/completions", stream=True, timeout=60,
                       json={"model": "alpha", "messages": [{"role": "user", "content": "one"}], "max_tokens": 6,
                             "stream": True, "session_id": sid})
-    import json as _json
-    streamed = "".join(_json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+    streamed = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
                        for line in r.iter_lines(decode_unicode=True)
                        if line.startswith("data: {"))
     r = requests.post(store.url + "/api/chat", stream=True, timeout=60, headers={"X-Session-Id": sid},
                       json={"model": "beta", "messages": [{"role": "user", "content": "two"}],
                             "options": {"num_predict": 6}})
-    lines = [_json.loads(line) for line in r.iter_lines() if line]
+    lines = [json.loads(line) for line in r.iter_lines() if line]
     ollama = "".join(line["message"]["content"] for line in lines)
     assert lines[-1]["done"] and lines[-1]["prompt_eval_count"] > 0
     session = _session(store.url, sid)
@@ -235,8 +236,7 @@ def test_worker_tokenize_counts_what_infer_feeds(pair):
     r = requests.post(worker.url + "/infer", timeout=30, json={"model": "a.gguf", "messages": messages,
                                                                "max_tokens": 2, "stream_format": "ndjson"})
     summary = [line for line in r.iter_lines() if line][-1]
-    import json as _json
-    assert _json.loads(summary)["prompt_tokens"] == _tokens(worker.url, "a.gguf", messages)
+    assert json.loads(summary)["prompt_tokens"] == _tokens(worker.url, "a.gguf", messages)
     r = requests.post(worker.url + "/tokenize", json={"model": "a.gguf", "prompt": "count these words"}, timeout=30)
     assert r.json()["tokens"] >= 3 and r.json()["n_ctx"] > 0
     r = requests.post(worker.url + "/tokenize", json={"model": "nope.gguf", "prompt": "x"}, timeout=30)
