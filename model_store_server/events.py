@@ -70,14 +70,17 @@ class EventBus:
             return len(self._subscribers)
 
 
-def sse_frames(sub: Subscription, heartbeat_s: float = HEARTBEAT_S) -> Iterator[str]:
-    """`event: kind` / `data: {json}` frames, and a comment now and then so proxies keep the line open."""
+def sse_frames(sub: Subscription, heartbeat_s: float = HEARTBEAT_S, worker: str | None = None) -> Iterator[str]:
+    """`event: kind` / `data: {json}` frames (only `worker`'s, when given), and a comment now and then so
+    proxies keep the line open."""
     try:
         yield ": model-swap events\n\n"
         while True:
             event = sub.get(heartbeat_s)
             if event is None:
                 yield ": ping\n\n"
+                continue
+            if worker is not None and event.get("worker") != worker:
                 continue
             yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
     finally:

@@ -102,9 +102,10 @@ def log_request(endpoint: str, policy: str, model: str, outcome: Outcome, error:
     """The one line per request, with both tiers after it (and the error, if it failed)."""
     ts = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     transport = f" transport={outcome.transport}" if outcome.transport else ""
-    log.info("[%s] ts=%s policy=%s model=%s action=%s decision_ms=%.2f worker_ms=%.1f queue_ms=%.1f%s cached=[%s] "
+    where = f" worker={outcome.worker} placement={outcome.placement or '-'}" if outcome.worker else ""
+    log.info("[%s] ts=%s policy=%s model=%s action=%s decision_ms=%.2f worker_ms=%.1f queue_ms=%.1f%s%s cached=[%s] "
              "evicted=[%s] unloaded=[%s] loaded=[%s]%s", endpoint, ts, policy, model, outcome.action or "none",
-             outcome.decision_ms, outcome.worker_ms, max(0.0, outcome.queue_ms), transport,
+             outcome.decision_ms, outcome.worker_ms, max(0.0, outcome.queue_ms), where, transport,
              ", ".join(outcome.cached), ", ".join(outcome.evicted), ", ".join(outcome.unloaded),
              ", ".join(outcome.loaded), f" error={error}" if error else "")
 

@@ -22,6 +22,8 @@ class Outcome:
     transport: str = ""
     cached: list[str] = field(default_factory=list)
     loaded: list[str] = field(default_factory=list)
+    worker: str = ""  # the worker it went to
+    placement: str = ""  # the placement rule that chose it
 
     @property
     def decided(self) -> bool:
@@ -37,4 +39,5 @@ class Outcome:
             "X-Worker-Ms": f"{self.worker_ms:.1f}",
             "X-Queue-Ms": f"{max(0.0, self.queue_ms):.1f}",
             "X-Transport": self.transport,
+            "X-Worker": self.worker,
         }
