@@ -133,9 +133,13 @@ def start_generation(store: StoreCore, model: str, generation: GenerationRequest
             except ApiError as err:
                 lease.release()
                 store.worker_failed(lease, err)
-                if err.code not in RETRY_CODES or attempt == 2:
+                # A worker that does not answer before any text is sent: place the request again
+                # (worker_failed marked it down, so placement picks another one if there is one).
+                moved = err.code == "worker_unavailable" and len(store.slots) > 1
+                if (err.code not in RETRY_CODES and not moved) or attempt == 2:
                     raise
-                log.warning("[forward] the worker no longer has %s loaded; reconciling and retrying", model)
+                log.warning("[forward] worker %s %s for %s; retrying", lease.executor.name,
+                            "does not answer" if moved else "no longer has it loaded", model)
             except BaseException:
                 lease.release()
                 store.worker_failed(lease, WorkerUnavailable(f"starting a generation of {model} failed"))
