@@ -127,6 +127,8 @@ def store_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                 "TOML file with [workers.NAME] tables: url and the settings where a worker differs")
     add_setting(p, env, "--max-replicas", "MAX_REPLICAS", d.max_replicas,
                 "most workers one model may be resident on at once")
+    add_setting(p, env, "--probe-max-s", "PROBE_MAX_S", d.probe_max_s,
+                "longest wait between probes of a worker that stopped answering (the backoff starts at 0.25 s)")
     add_setting(p, env, "--cache-policy", "CACHE_POLICY", d.cache_policy,
                 f"which models stay on the worker: {', '.join(POLICIES)}")
     add_setting(p, env, "--max-cache-size", "MAX_CACHE_SIZE", d.max_cache_size,
@@ -202,6 +204,7 @@ def load_store_config(argv: Sequence[str] | None = None, env: Mapping[str, str] 
         models_config=load_models_config(a.models_config),
         workers=_workers(a.worker_urls, a.workers_config),
         max_replicas=parse_number(a.max_replicas, "MAX_REPLICAS"),
+        probe_max_s=parse_number(a.probe_max_s, "PROBE_MAX_S", float),
     )
 
 
