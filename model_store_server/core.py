@@ -75,7 +75,7 @@ class StoreCore:
         self.events = events
         self.metrics = metrics
         self.janitor = Janitor([s.upkeep for s in slots], config.ttl_seconds if config.cache_policy in
-                               ("ttl", "lru-ttl") else None)
+                               ("ttl", "lru-ttl") else None, skip=self._is_down, on_unavailable=self._sweep_failed)
         self.prober = Prober(slots, self._came_back)
         for slot in slots:
             slot.executor.on_idle = self.janitor.ring
@@ -122,7 +122,9 @@ class StoreCore:
         request placed again; once its change had begun, the request fails (502 worker_unavailable)."""
         model = self.catalog.get(name)  # a 404 needs no turn
         for _ in self.slots:
+            started = time.perf_counter()
             slot, chosen = self.place(model)
+            outcome.placement_ms = (time.perf_counter() - started) * 1000
             outcome.worker, outcome.placement = slot.name, chosen.rule
             try:
                 return slot.executor.lease(model, keep_alive_s, outcome)
@@ -141,13 +143,21 @@ class StoreCore:
 
     def worker_down(self, slot: WorkerSlot, reason: str) -> None:
         """`slot`'s worker stopped answering: place nothing there until a probe reads it again."""
+        if len(self.slots) == 1:
+            return  # one worker: nowhere else to go; the next request reads it again, as it always did
         slot.belief.mark_stale()
-        if slot.health.went_down(reason) and len(self.slots) > 1:
+        if slot.health.went_down(reason):
             log.warning("[failover] worker %s is down (%s); placing requests elsewhere, probing with backoff",
                         slot.name, reason)
             self.events.publish("worker_down", worker=slot.name, reason=reason)
             self.metrics.worker_up.labels(slot.name).set(0)
             self.prober.ring()
+
+    def _is_down(self, upkeep: Upkeep) -> bool:
+        return not next(s for s in self.slots if s.upkeep is upkeep).health.up
+
+    def _sweep_failed(self, upkeep: Upkeep, err: ApiError) -> None:
+        self.worker_down(next(s for s in self.slots if s.upkeep is upkeep), err.message)
 
     def _came_back(self, slot: WorkerSlot, found: tuple[list[str], list[str]]) -> None:
         kept, deleted = found
@@ -156,9 +166,9 @@ class StoreCore:
         self.events.publish("worker_up", worker=slot.name, kept=kept, deleted=deleted)
         self.metrics.worker_up.labels(slot.name).set(1)
 
-    def tiers(self, name: str) -> tuple[list[str], list[str]]:
-        """The files on the disk and the models in memory of the worker `name` goes to."""
-        belief = self.slot_for(name).belief
+    def tiers(self, name: str, worker: str | None = None) -> tuple[list[str], list[str]]:
+        """The files on the disk and the models in memory of the worker named, else of the one `name` goes to."""
+        belief = (self.slot_named(worker) or self.slot_for(name)).belief
         return belief.cached(), belief.resident()
 
     def progress_text(self, name: str) -> str:

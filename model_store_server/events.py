@@ -1,7 +1,8 @@
 """What the store does, as events for GET /events (server-sent events) and the CLI.
 
 Kinds: transfer_started, transfer_progress, transfer_done, load_started, loaded, unloaded,
-evicted, rejected (and transfer_failed, load_failed). Each event is a flat JSON object with
+evicted, rejected (and transfer_failed, load_failed), and with several workers worker_down and
+worker_up (a probe read it again: what it kept and deleted). Each event is a flat JSON object with
 "event", "ts" (Unix seconds), "worker" and "model". A slow subscriber loses events rather
 than slowing the store: its queue is bounded and `dropped` counts what it missed.
 """

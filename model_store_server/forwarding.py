@@ -94,7 +94,7 @@ def write_request_line(store: StoreCore, endpoint: str, model: str, outcome: Out
                        error: str | None = None) -> None:
     """Log the request's line; a request that failed before its lease reports both tiers as they are."""
     if not outcome.cached and not outcome.loaded:
-        outcome.cached, outcome.loaded = store.tiers(model)
+        outcome.cached, outcome.loaded = store.tiers(model, outcome.worker or None)
     log_request(endpoint, store.policy_name, model, outcome, error)
 
 
