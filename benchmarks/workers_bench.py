@@ -22,6 +22,7 @@ and the workers' HTTP; generation itself is a few milliseconds. Timings vary wit
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import signal
@@ -138,62 +139,74 @@ def run_soak(args, work: Path) -> None:
     names = write_models(work / "models", args.models)
     workers = start_workers(work, args.workers, max_loaded=2)
     store = start_store(work, work / "models", workers, "soak", "--keep-alive-seconds", "10")
-    by_name = {f"127.0.0.1:{w.port}": w for w in workers}
-    victim_name = next(iter(by_name))
-    victim = by_name[victim_name]
-    outcomes: Counter[str] = Counter()
-    on_victim: Counter[str] = Counter()
-    lock = threading.Lock()
-    stop_at = time.monotonic() + args.seconds
-    killed = threading.Event()
-    rng = random.Random(args.seed)
+    try:
+        by_name = {f"127.0.0.1:{w.port}": w for w in workers}
+        victim_name = next(iter(by_name))
+        victim = by_name[victim_name]
+        outcomes: Counter[str] = Counter()
+        on_victim: Counter[str] = Counter()
+        lock = threading.Lock()
+        stop_at = time.monotonic() + args.seconds
+        killed = threading.Event()
+        back_at: list[float] = []
+        served_after: Counter[str] = Counter()
+        rng = random.Random(args.seed)
 
-    def client(seed: int) -> None:
-        mine = random.Random(seed)
+        def client(seed: int) -> None:
+            mine = random.Random(seed)
+            while time.monotonic() < stop_at:
+                model = mine.choice(names)
+                body = {"prompt": PROMPT, "model": model, "max_tokens": args.max_tokens}
+                try:
+                    r = requests.post(store.url + "/user_request", json=body, timeout=120, stream=True)
+                    text = b"".join(r.iter_content(None))
+                    key = "ok" if r.status_code == 200 and text else f"{r.status_code} " + (
+                        "empty" if r.status_code == 200 else json.loads(text)["error"]["code"])
+                    worker = r.headers.get("X-Worker")
+                except (requests.RequestException, ValueError, KeyError) as err:
+                    key, worker = f"broken ({type(err).__name__})", None
+                with lock:
+                    outcomes[key] += 1
+                    if back_at and time.monotonic() > back_at[0] and worker:
+                        served_after[worker] += 1
+                    if key != "ok" and killed.is_set() and worker in (victim_name, None):
+                        on_victim[key] += 1
+
+        threads = [threading.Thread(target=client, args=(rng.random(),), daemon=True) for _ in range(args.clients)]
+        for t in threads:
+            t.start()
+        time.sleep(args.seconds / 2)
+        log.info("killing %s (SIGKILL) and starting it again", victim_name)
+        killed.set()
+        victim.stop(signal.SIGKILL)
+        victim.start()
+        restarted = time.monotonic()
+        back = None
         while time.monotonic() < stop_at:
-            model = mine.choice(names)
-            body = {"prompt": PROMPT, "model": model, "max_tokens": args.max_tokens}
-            try:
-                r = requests.post(store.url + "/user_request", json=body, timeout=120, stream=True)
-                text = b"".join(r.iter_content(None))
-                key = "ok" if r.status_code == 200 and text else f"{r.status_code} " + (
-                    "" if r.status_code == 200 else r.json()["error"]["code"])
-                worker = r.headers.get("X-Worker")
-            except (requests.RequestException, ValueError) as err:
-                key, worker = f"broken ({type(err).__name__})", None
-            with lock:
-                outcomes[key] += 1
-                if key != "ok" and killed.is_set() and worker in (victim_name, None):
-                    on_victim[key] += 1
-
-    threads = [threading.Thread(target=client, args=(rng.random(),), daemon=True) for _ in range(args.clients)]
-    for t in threads:
-        t.start()
-    time.sleep(args.seconds / 2)
-    log.info("killing %s (SIGKILL) and starting it again", victim_name)
-    killed.set()
-    victim.stop(signal.SIGKILL)
-    restarted = time.monotonic()
-    victim.start()
-    back = None
-    while time.monotonic() < stop_at:
-        view = {w["name"]: w for w in requests.get(store.url + "/models", timeout=10).json()["workers"]}
-        if view[victim_name]["health"]["up"] and back is None:
-            back = time.monotonic() - restarted
-            break
-        time.sleep(0.1)
-    for t in threads:
-        t.join(180)
-    time.sleep(0.5)
-    listing = requests.get(store.url + "/models", timeout=10).json()
-    agree = {}
-    for w in listing["workers"]:
-        truth = requests.get(by_name[w["name"]].url + "/models", timeout=10).json()
-        agree[w["name"]] = (sorted(w["cached"]) == sorted(c["name"] for c in truth["cached"])
-                            and sorted(m["name"] for m in w["loaded"]) == sorted(m["name"] for m in truth["loaded"]))
-    store.stop()
-    for w in workers:
-        w.stop()
+            view = {w["name"]: w for w in requests.get(store.url + "/models", timeout=10).json()["workers"]}
+            if view[victim_name]["health"]["up"] and back is None:
+                back = time.monotonic() - restarted
+                back_at.append(time.monotonic())
+                break
+            time.sleep(0.1)
+        for t in threads:
+            t.join(180)
+        time.sleep(0.5)
+        listing = requests.get(store.url + "/models", timeout=10).json()
+        agree = {}
+        for w in listing["workers"]:
+            truth = requests.get(by_name[w["name"]].url + "/models", timeout=10).json()
+            agree[w["name"]] = (sorted(w["cached"]) == sorted(c["name"] for c in truth["cached"])
+                                and sorted(m["name"] for m in w["loaded"]) == sorted(m["name"] for m in truth["loaded"]))
+    finally:
+        store.stop()
+        for w in workers:
+            w.stop()
+    # A stream the killed worker was sending ends early for the client, who sees a 200: the store logs it.
+    store_log = store.log()
+    broke = store_log.count("worker stream broke off")
+    errors = Counter(line.rsplit("error=", 1)[1].split()[0] for line in store_log.splitlines()
+                     if line.startswith("[") is False and "[/user_request]" in line and " error=" in line)
     total = sum(outcomes.values())
     log.info("soak: %d workers, %d models, %d clients, %ds: %d requests", args.workers, args.models, args.clients,
              args.seconds, total)
@@ -202,8 +215,10 @@ def run_soak(args, work: Path) -> None:
     failed = total - outcomes["ok"]
     log.info("failed: %d, of them on the killed worker after the kill: %d (%s)", failed, sum(on_victim.values()),
              dict(on_victim))
-    log.info("the store used the restarted worker again %.2fs after it was started",
-             back if back is not None else float("nan"))
+    log.info("streams cut short by the kill (the store's log): %d; request lines with an error: %s", broke,
+             dict(errors))
+    log.info("the store used the restarted worker again %.2fs after it answered /health; requests served by "
+             "each worker after that: %s", back if back is not None else float("nan"), dict(served_after))
     log.info("views agree at the end: %s", agree)
 
 
