@@ -196,8 +196,9 @@ def run_soak(args, work: Path) -> None:
         agree = {}
         for w in listing["workers"]:
             truth = requests.get(by_name[w["name"]].url + "/models", timeout=10).json()
+            loaded = sorted(m["name"] for m in truth["loaded"])
             agree[w["name"]] = (sorted(w["cached"]) == sorted(c["name"] for c in truth["cached"])
-                                and sorted(m["name"] for m in w["loaded"]) == sorted(m["name"] for m in truth["loaded"]))
+                                and sorted(m["name"] for m in w["loaded"]) == loaded)
     finally:
         store.stop()
         for w in workers:
