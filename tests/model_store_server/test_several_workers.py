@@ -7,8 +7,11 @@ import json
 import threading
 import time
 
+from model_store_server.config import StoreConfig
+from model_store_server.core import build_core
 from model_store_server.events import sse_frames
 from model_store_server.outcome import Outcome
+from model_store_server.workers_config import WorkerSpec
 from tests.support.fake_worker import FakeWorker
 from tests.support.store_harness import core_of, fake_workers_store
 
@@ -174,3 +177,14 @@ def test_concurrent_first_requests_bring_one_copy(tmp_path):
     for t in threads:
         t.join()
     assert len(set(results)) == 1 and sum(f.receives for f in fakes) == 1
+
+
+def test_each_worker_has_its_own_client_and_rdma_sender(tmp_path):
+    workers = (WorkerSpec("gpu1", "http://gpu1:8080", rdma_host="10.0.0.1", rdma_port=9001),
+               WorkerSpec("gpu2", "http://gpu2:8080"))
+    core = build_core(StoreConfig(models_dir=tmp_path, workers=workers, transport="rdma", worker_rdma_port=8500))
+    clients = [s.client for s in core.slots]
+    senders = [s.executor.transport for s in core.slots]
+    assert [c.base_url for c in clients] == ["http://gpu1:8080", "http://gpu2:8080"]
+    assert clients[0]._session is not clients[1]._session  # a connection pool each
+    assert [(t.name, t.host, t.port) for t in senders] == [("rdma", "10.0.0.1", 9001), ("rdma", "localhost", 8500)]
