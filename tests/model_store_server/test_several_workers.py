@@ -4,6 +4,7 @@ integration tier): placement by locality, failover and probes, replicas, per-wor
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
@@ -32,10 +33,14 @@ def wait_for(predicate, timeout=5.0):
         time.sleep(0.005)
 
 
-def test_two_models_alternate_as_hits_each_on_its_own_worker(tmp_path):
+def test_two_models_alternate_as_hits_each_on_its_own_worker(tmp_path, caplog):
     fakes = [FakeWorker(max_loaded=1), FakeWorker(max_loaded=1)]
     client = fake_workers_store(tmp_path, fakes).test_client()
-    first, second = ask(client, "a.gguf"), ask(client, "b.gguf")
+    with caplog.at_level(logging.INFO, logger="model_store_server.forwarding"):
+        first, second = ask(client, "a.gguf"), ask(client, "b.gguf")
+    lines = [r.message for r in caplog.records if r.message.startswith("[/user_request]")]
+    assert [f"worker={first.headers['X-Worker']} placement=cheapest_start" in lines[0],
+            f"worker={second.headers['X-Worker']} placement=cheapest_start" in lines[1]] == [True, True]
     assert (first.headers["X-Cache-Action"], second.headers["X-Cache-Action"]) == ("load_from_store",) * 2
     # b does not evict a: the other worker starts it for less.
     assert first.headers["X-Worker"] != second.headers["X-Worker"]
@@ -188,3 +193,15 @@ def test_each_worker_has_its_own_client_and_rdma_sender(tmp_path):
     assert [c.base_url for c in clients] == ["http://gpu1:8080", "http://gpu2:8080"]
     assert clients[0]._session is not clients[1]._session  # a connection pool each
     assert [(t.name, t.host, t.port) for t in senders] == [("rdma", "10.0.0.1", 9001), ("rdma", "localhost", 8500)]
+
+
+def test_a_store_starts_with_a_worker_down_and_takes_it_in_when_it_answers(tmp_path):
+    fakes = [FakeWorker(max_loaded=1), FakeWorker(max_loaded=1)]
+    fakes[0].up = False
+    app = fake_workers_store(tmp_path, fakes)
+    core, client = core_of(app), app.test_client()
+    assert [s.health.up for s in core.slots] == [False, True]
+    assert {ask(client, m).headers["X-Worker"] for m in ("a.gguf", "b.gguf")} == {"w1"}
+    fakes[0].up = True
+    wait_for(lambda: core.slots[0].health.up)
+    assert ask(client, "c.gguf").headers["X-Worker"] == "w0"  # the empty worker starts c for least
