@@ -284,6 +284,10 @@ class StoreCore:
                 log.warning("[core] worker %s did not list its models: %s", slot.name, err.code)
         return loaded
 
+    def worker_status(self) -> str:
+        """ok, unauthorized, unreachable or error: how the workers answer an authenticated call (the first trouble)."""
+        return next((w["status"] for w in self.worker_statuses() if w["status"] != "ok"), "ok")
+
     def worker_statuses(self) -> list[dict]:
         """Each worker's name, URL, whether placement uses it, and how it answers an authenticated call now."""
         out = []

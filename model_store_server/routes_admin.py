@@ -120,7 +120,7 @@ def health():
 
     `worker` sums them up: ok when every worker is, else the first one's trouble."""
     workers = state.core().worker_statuses()
-    summary = next((w["status"] for w in workers if w["status"] != "ok"), "ok")
+    summary = next((w["status"] for w in workers if w["status"] != "ok"), "ok")  # worker_status(), one read
     return jsonify({"status": "ok", "worker": summary, "workers": workers})
 
 
