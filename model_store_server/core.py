@@ -29,8 +29,8 @@ from model_store_server.planner import Want
 from model_store_server.policy import build_policy
 from model_store_server.transport import Transport, build_transport
 from model_store_server.upkeep import Janitor, Upkeep
-from model_store_server.workers_config import WorkerSpec
 from model_store_server.worker_client import LoadedModel, WorkerClient, WorkerUnavailable
+from model_store_server.workers_config import WorkerSpec
 from model_swap.errors import ApiError
 
 log = logging.getLogger(__name__)

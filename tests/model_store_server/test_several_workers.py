@@ -12,6 +12,7 @@ from model_store_server.config import StoreConfig
 from model_store_server.core import build_core
 from model_store_server.events import sse_frames
 from model_store_server.outcome import Outcome
+from model_store_server.worker_client import WorkerUnavailable
 from model_store_server.workers_config import WorkerSpec
 from tests.support.fake_worker import FakeWorker
 from tests.support.store_harness import core_of, fake_workers_store
@@ -205,3 +206,16 @@ def test_a_store_starts_with_a_worker_down_and_takes_it_in_when_it_answers(tmp_p
     fakes[0].up = True
     wait_for(lambda: core.slots[0].health.up)
     assert ask(client, "c.gguf").headers["X-Worker"] == "w0"  # the empty worker starts c for least
+
+
+def test_a_request_whose_transfer_met_a_dead_worker_fails_and_the_next_goes_elsewhere(tmp_path):
+    fakes = [FakeWorker(max_loaded=1), FakeWorker(max_loaded=1)]
+    app = fake_workers_store(tmp_path, fakes)
+    client = app.test_client()
+    fakes[0].fail_next("push", WorkerUnavailable("worker at fake unreachable: ConnectionError"))
+    r = ask(client, "a.gguf")  # placed on w0 (the tie goes to the first name); its transfer breaks off
+    assert (r.status_code, r.get_json()["error"]["code"]) == (502, "worker_unavailable")
+    assert (r.headers["X-Cache-Action"], r.headers["X-Worker"]) == ("load_from_store", "w0")
+    assert core_of(app).slots[0].health.up is False
+    r = ask(client, "a.gguf")
+    assert (r.status_code, r.headers["X-Worker"]) == (200, "w1")
