@@ -48,9 +48,10 @@ def create_app(config: StoreConfig, worker=None, transport: Transport | None = N
         except ApiError as err:
             log.warning("worker not reconciled at start-up (%s); will retry on the next request", err.message)
     core.start()
-    log.info("store ready: models=%s policy=%s worker=%s transport=%s keep_alive=%ss pinned=[%s] preload=[%s] "
+    log.info("store ready: models=%s policy=%s workers=[%s] transport=%s keep_alive=%ss pinned=[%s] preload=[%s] "
              "models_config=%s (%d entries, %d presets) sessions=%s; %s", core.catalog.root, config.cache_policy,
-             config.worker_url, config.transport, config.keep_alive_seconds, ", ".join(config.pinned_models),
+             ", ".join(f"{w.name}={w.url}" for w in config.worker_specs()),
+             config.transport, config.keep_alive_seconds, ", ".join(config.pinned_models),
              ", ".join(config.preload_models), config.models_config.source, len(config.models_config.entries),
              len(config.models_config.presets), config.sessions_db or "memory", reconciled)
     return app

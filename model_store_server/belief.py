@@ -139,6 +139,11 @@ class WorkerBelief:
         with self._lock:
             return name in self._resident
 
+    def in_flight(self) -> list[str]:
+        """Models being transferred or loaded now."""
+        with self._lock:
+            return list(self._ops)
+
     def progress_of(self, name: str) -> Operation | None:
         with self._lock:
             op = self._ops.get(name)

@@ -10,6 +10,8 @@ from typing import Mapping, Sequence
 
 from model_store_server.models_config import ModelsConfig, load_models_config
 from model_store_server.session_history import SessionBounds
+from model_store_server.workers_config import (WorkerSpec, check_workers, load_workers_config, name_for_url,
+                                                workers_from_urls)
 from model_swap.cli import add_setting, add_switch, settings_parser
 from model_swap.config import LOOPBACK_HOSTS, ConfigError, parse_number, parse_optional_number
 from model_swap.errors import ApiError
@@ -55,6 +57,19 @@ class StoreConfig:
     sessions_db: Path | None = None
     session_bounds: SessionBounds = SessionBounds()
     session_ttl_s: float = 7 * 86400.0
+    # Several workers (WORKER_URLS or WORKERS_CONFIG); empty: the one worker at worker_url.
+    workers: tuple[WorkerSpec, ...] = ()
+    max_replicas: int = 2  # copies of one model resident at once, across workers
+    probe_max_s: float = 10.0  # longest wait between probes of a worker that stopped answering
+
+    def worker_specs(self) -> tuple[WorkerSpec, ...]:
+        """Every worker with its settings filled in from the store's where it does not say."""
+        specs = self.workers or (WorkerSpec(name_for_url(self.worker_url), self.worker_url),)
+        return tuple(WorkerSpec(
+            s.name, s.url, s.max_cache_size if s.max_cache_size is not None else self.max_cache_size,
+            s.max_cache_bytes if s.max_cache_bytes is not None else self.max_cache_bytes,
+            s.rdma_host if s.rdma_host is not None else self.worker_rdma_host,
+            s.rdma_port if s.rdma_port is not None else self.worker_rdma_port) for s in specs)
 
     def __post_init__(self) -> None:
         if self.cache_policy not in POLICIES:
@@ -74,6 +89,11 @@ class StoreConfig:
             raise ConfigError(f"WORKER_URL must start with http:// or https://, got {self.worker_url!r}")
         if self.threads < 1:
             raise ConfigError("threads must be at least 1")
+        check_workers(self.workers)
+        if self.max_replicas < 1:
+            raise ConfigError(f"MAX_REPLICAS must be at least 1, got {self.max_replicas}")
+        if self.probe_max_s <= 0:
+            raise ConfigError(f"PROBE_MAX_S must be positive, got {self.probe_max_s}")
         if self.max_swap_wait_ms < 0:
             raise ConfigError(f"MAX_SWAP_WAIT_MS must not be negative, got {self.max_swap_wait_ms}")
         if self.max_queue < 1:
@@ -86,9 +106,10 @@ class StoreConfig:
                     check_model_name(name)
                 except ApiError as err:
                     raise ConfigError(f"{label}: {err.message}") from None
-        if len(self.pinned_models) >= self.max_cache_size and self.cache_policy != "ttl":
-            raise ConfigError(f"PINNED_MODELS ({len(self.pinned_models)}) must leave room in MAX_CACHE_SIZE="
-                              f"{self.max_cache_size} for other models")
+        for spec in self.worker_specs():
+            if len(self.pinned_models) >= spec.max_cache_size and self.cache_policy != "ttl":
+                raise ConfigError(f"PINNED_MODELS ({len(self.pinned_models)}) must leave room in MAX_CACHE_SIZE="
+                                  f"{spec.max_cache_size} (worker {spec.name}) for other models")
         if self.session_ttl_s <= 0:
             raise ConfigError(f"SESSION_TTL_S must be positive, got {self.session_ttl_s}")
         if self.request_timeout_s <= 0:
@@ -107,6 +128,14 @@ def store_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                         "which live on the inference worker, and forwards requests to it")
     add_setting(p, env, "--models-dir", "MODELS_DIR", d.models_dir, "directory of the .gguf files to serve")
     add_setting(p, env, "--worker-url", "WORKER_URL", d.worker_url, "base URL of the inference worker")
+    add_setting(p, env, "--worker-urls", "WORKER_URLS", None,
+                "comma-separated base URLs of several inference workers (instead of WORKER_URL)")
+    add_setting(p, env, "--workers-config", "WORKERS_CONFIG", None,
+                "TOML file with [workers.NAME] tables: url and the settings where a worker differs")
+    add_setting(p, env, "--max-replicas", "MAX_REPLICAS", d.max_replicas,
+                "most workers one model may be resident on at once")
+    add_setting(p, env, "--probe-max-s", "PROBE_MAX_S", d.probe_max_s,
+                "longest wait between probes of a worker that stopped answering (the backoff starts at 0.25 s)")
     add_setting(p, env, "--cache-policy", "CACHE_POLICY", d.cache_policy,
                 f"which models stay on the worker: {', '.join(POLICIES)}")
     add_setting(p, env, "--max-cache-size", "MAX_CACHE_SIZE", d.max_cache_size,
@@ -196,7 +225,19 @@ def load_store_config(argv: Sequence[str] | None = None, env: Mapping[str, str] 
                                      parse_number(a.session_max_chars, "SESSION_MAX_CHARS"),
                                      parse_optional_number(a.session_max_prompt_tokens, "SESSION_MAX_PROMPT_TOKENS")),
         session_ttl_s=parse_number(a.session_ttl_s, "SESSION_TTL_S", float),
+        workers=_workers(a.worker_urls, a.workers_config),
+        max_replicas=parse_number(a.max_replicas, "MAX_REPLICAS"),
+        probe_max_s=parse_number(a.probe_max_s, "PROBE_MAX_S", float),
     )
+
+
+def _workers(urls: str | None, path: str | None) -> tuple[WorkerSpec, ...]:
+    """The workers WORKER_URLS or WORKERS_CONFIG name (not both); none: WORKER_URL's one worker."""
+    if urls and path:
+        raise ConfigError("set WORKER_URLS or WORKERS_CONFIG, not both (the file can hold the URLs)")
+    if path:
+        return load_workers_config(path)
+    return workers_from_urls(urls) if urls else ()
 
 
 def _name_list(value: str | None) -> tuple[str, ...]:

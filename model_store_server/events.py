@@ -1,7 +1,8 @@
 """What the store does, as events for GET /events (server-sent events) and the CLI.
 
 Kinds: transfer_started, transfer_progress, transfer_done, load_started, loaded, unloaded,
-evicted, rejected (and transfer_failed, load_failed). Each event is a flat JSON object with
+evicted, rejected (and transfer_failed, load_failed), and with several workers worker_down and
+worker_up (a probe read it again: what it kept and deleted). Each event is a flat JSON object with
 "event", "ts" (Unix seconds), "worker" and "model". A slow subscriber loses events rather
 than slowing the store: its queue is bounded and `dropped` counts what it missed.
 """
@@ -70,14 +71,17 @@ class EventBus:
             return len(self._subscribers)
 
 
-def sse_frames(sub: Subscription, heartbeat_s: float = HEARTBEAT_S) -> Iterator[str]:
-    """`event: kind` / `data: {json}` frames, and a comment now and then so proxies keep the line open."""
+def sse_frames(sub: Subscription, heartbeat_s: float = HEARTBEAT_S, worker: str | None = None) -> Iterator[str]:
+    """`event: kind` / `data: {json}` frames (only `worker`'s, when given), and a comment now and then so
+    proxies keep the line open."""
     try:
         yield ": model-swap events\n\n"
         while True:
             event = sub.get(heartbeat_s)
             if event is None:
                 yield ": ping\n\n"
+                continue
+            if worker is not None and event.get("worker") != worker:
                 continue
             yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"
     finally:

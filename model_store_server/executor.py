@@ -21,6 +21,7 @@ from model_store_server.belief import WorkerBelief
 from model_store_server.catalog import Catalog, StoredModel
 from model_store_server.events import EventBus, Ticker
 from model_store_server.gates import LANE, QueueTimeout, WorkerGates
+from model_store_server.measures import WorkerMeasures
 from model_store_server.metrics import StoreMetrics
 from model_store_server.outcome import Outcome
 from model_store_server.planner import HIT, Plan, Want
@@ -50,7 +51,8 @@ class Lease:
     def __init__(self, executor: "Executor", name: str, keep_alive_s: float | None):
         self.executor = executor
         self.model = name
-        self.release = Once(lambda: executor.end_use(name, keep_alive_s))
+        started = executor._clock()
+        self.release = Once(lambda: executor.end_use(name, keep_alive_s, executor._clock() - started))
 
 
 class _NeedRoom(Exception):
@@ -77,6 +79,7 @@ class Executor:
         self.events = events
         self.metrics = metrics
         self._clock = clock
+        self.measures = WorkerMeasures()  # what placement plans with: transfer rate, load and generation times
         self.on_idle: Callable[[], None] = lambda: None  # the janitor's bell: a model's keep-alive starts
 
     # ---- the request path ------------------------------------------------------------------
@@ -106,12 +109,16 @@ class Executor:
         outcome.queue_ms = (self._clock() - started) * 1000 - outcome.worker_ms
         self.metrics.queue_seconds.observe(max(0.0, outcome.queue_ms) / 1000)
         self.metrics.requests.labels(outcome.action).inc()
+        self.metrics.worker_requests.labels(self.name, outcome.action).inc()
+        outcome.worker = self.name
         outcome.cached, outcome.loaded = self.belief.cached(), self.belief.resident()
         return Lease(self, model.name, keep)
 
-    def end_use(self, name: str, keep_alive_s: float | None) -> None:
+    def end_use(self, name: str, keep_alive_s: float | None, seconds: float | None = None) -> None:
         """A stream ended: recency in both tiers, the keep-alive from now; the janitor hears when idle."""
         self.belief.note_use(name, keep_alive_s)
+        if seconds is not None:
+            self.measures.generated(name, seconds)
         if self.gates.end_use(name) == 0:
             self.on_idle()
 
@@ -330,6 +337,7 @@ class Executor:
             ticker.stop()
             self.belief.end_op(name)
         self.belief.admitted(name, model.sha256)
+        self.measures.transferred(model.size, sent.seconds)
         rate = model.size / sent.seconds / 1e9 if sent.seconds else 0.0
         self.metrics.bytes_sent.labels(sent.transport).inc(model.size)
         self.metrics.transfer_seconds.labels(sent.transport).observe(sent.seconds)
@@ -354,6 +362,7 @@ class Executor:
             self.belief.end_op(name)
         seconds = self._clock() - started
         self.belief.loaded(name, keep_alive_s)
+        self.measures.loaded(name, seconds)
         self.metrics.load_seconds.observe(seconds)
         self.events.publish("loaded", worker=self.name, model=name, ms=round(seconds * 1000, 1))
         log.info("[swap] loaded %s on the worker in %.1fms", name, seconds * 1000)

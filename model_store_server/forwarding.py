@@ -96,7 +96,7 @@ def write_request_line(store: StoreCore, endpoint: str, model: str, outcome: Out
                        error: str | None = None) -> None:
     """Log the request's line; a request that failed before its lease reports both tiers as they are."""
     if not outcome.cached and not outcome.loaded:
-        outcome.cached, outcome.loaded = store.tiers(model)
+        outcome.cached, outcome.loaded = store.tiers(model, outcome.worker or None)
     log_request(endpoint, store.policy_name, model, outcome, error)
 
 
@@ -104,9 +104,10 @@ def log_request(endpoint: str, policy: str, model: str, outcome: Outcome, error:
     """The one line per request, with both tiers after it (and the error, if it failed)."""
     ts = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     transport = f" transport={outcome.transport}" if outcome.transport else ""
-    log.info("[%s] ts=%s policy=%s model=%s action=%s decision_ms=%.2f worker_ms=%.1f queue_ms=%.1f%s cached=[%s] "
+    where = f" worker={outcome.worker} placement={outcome.placement or '-'}" if outcome.worker else ""
+    log.info("[%s] ts=%s policy=%s model=%s action=%s decision_ms=%.2f worker_ms=%.1f queue_ms=%.1f%s%s cached=[%s] "
              "evicted=[%s] unloaded=[%s] loaded=[%s]%s", endpoint, ts, policy, model, outcome.action or "none",
-             outcome.decision_ms, outcome.worker_ms, max(0.0, outcome.queue_ms), transport,
+             outcome.decision_ms, outcome.worker_ms, max(0.0, outcome.queue_ms), where, transport,
              ", ".join(outcome.cached), ", ".join(outcome.evicted), ", ".join(outcome.unloaded),
              ", ".join(outcome.loaded), f" error={error}" if error else "")
 
@@ -139,9 +140,13 @@ def start_generation(store: StoreCore, model: str, generation: GenerationRequest
             except ApiError as err:
                 lease.release()
                 store.worker_failed(lease, err)
-                if err.code not in RETRY_CODES or attempt == 2:
+                # A worker that does not answer before any text is sent: place the request again
+                # (worker_failed marked it down, so placement picks another one if there is one).
+                moved = err.code == "worker_unavailable" and len(store.slots) > 1
+                if (err.code not in RETRY_CODES and not moved) or attempt == 2:
                     raise
-                log.warning("[forward] the worker no longer has %s loaded; reconciling and retrying", model)
+                log.warning("[forward] worker %s %s for %s; retrying", lease.executor.name,
+                            "does not answer" if moved else "no longer has it loaded", model)
             except BaseException:
                 lease.release()
                 store.worker_failed(lease, WorkerUnavailable(f"starting a generation of {model} failed"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class StoreMetrics:
@@ -24,3 +24,11 @@ class StoreMetrics:
         self.queue_seconds = Histogram("store_queue_seconds", "Seconds a request waited for its model",
                                        registry=r, buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60,
                                                             300))
+        self.worker_up = Gauge("store_worker_up", "1 while placement uses the worker, 0 while it is down",
+                               ["worker"], registry=r)
+        self.worker_requests = Counter("store_worker_requests", "User requests by worker and cache action",
+                                       ["worker", "action"], registry=r)
+        self.worker_resident = Gauge("store_worker_resident_models", "Models the store believes resident, by worker",
+                                     ["worker"], registry=r)
+        self.worker_cached = Gauge("store_worker_cached_models", "Files the store believes on disk, by worker",
+                                   ["worker"], registry=r)

@@ -22,6 +22,9 @@ class Outcome:
     transport: str = ""
     cached: list[str] = field(default_factory=list)
     loaded: list[str] = field(default_factory=list)
+    worker: str = ""  # the worker it went to
+    placement: str = ""  # the placement rule that chose it
+    placement_ms: float = 0.0  # choosing the worker, before the worker's own plan (decision_ms)
 
     @property
     def decided(self) -> bool:
@@ -37,4 +40,6 @@ class Outcome:
             "X-Worker-Ms": f"{self.worker_ms:.1f}",
             "X-Queue-Ms": f"{max(0.0, self.queue_ms):.1f}",
             "X-Transport": self.transport,
+            "X-Worker": self.worker,
+            "X-Placement-Ms": f"{self.placement_ms:.3f}",
         }

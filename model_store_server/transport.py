@@ -64,12 +64,14 @@ class FallbackTransport:
             return Sent(f"{self._fallback.name}(fallback)", time.perf_counter() - started)
 
 
-def build_transport(config, worker: WorkerClient) -> Transport:
-    """The transport the config asks for, wrapped with the HTTP fallback when allowed."""
+def build_transport(config, worker: WorkerClient, rdma_host: str | None = None,
+                    rdma_port: int | None = None) -> Transport:
+    """The transport the config asks for to one worker (its own RDMA address), with the HTTP fallback when allowed."""
     http = HttpTransport(worker)
     if config.transport == "http":
         return http
     from model_store_server.rdma_transport import RdmaTransport
 
-    rdma = RdmaTransport(config.worker_rdma_host, config.worker_rdma_port, token=config.worker_token)
+    rdma = RdmaTransport(rdma_host or config.worker_rdma_host, rdma_port or config.worker_rdma_port,
+                         token=config.worker_token)
     return FallbackTransport(rdma, http) if config.allow_fallback else rdma

@@ -137,8 +137,11 @@ class Janitor:
     """One thread that wakes when a keep-alive or a ttl runs out and sweeps every worker."""
 
     def __init__(self, upkeeps: list[Upkeep], ttl_seconds: float | None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, skip: Callable[[Upkeep], bool] = lambda u: False,
+                 on_unavailable: Callable[[Upkeep, ApiError], None] = lambda u, err: None):
         self._upkeeps = upkeeps
+        self._skip = skip  # a worker that is down: the prober reads it, not the sweeps
+        self._on_unavailable = on_unavailable
         # A ttl file is swept within a quarter of its ttl (cachetools does not say when the next expires).
         self._ttl_poll_s = None if not ttl_seconds else min(1.0, max(0.05, ttl_seconds / 4))
         self._clock = clock
@@ -159,18 +162,22 @@ class Janitor:
 
     def _run(self) -> None:
         while not self._stopped.is_set():
-            dues = [d for u in self._upkeeps if (d := u.next_due(self._ttl_poll_s)) is not None]
+            upkeeps = [u for u in self._upkeeps if not self._skip(u)]
+            dues = [d for u in upkeeps if (d := u.next_due(self._ttl_poll_s)) is not None]
             timeout = IDLE_POLL_S if not dues else max(0.0, min(dues) - self._clock())
             self._bell.wait(min(timeout, IDLE_POLL_S))
             self._bell.clear()
             if self._stopped.is_set():
                 return
-            for upkeep in self._upkeeps:
+            for upkeep in upkeeps:
                 try:
                     upkeep.sweep()
                 except ApiError as err:
                     log.warning("[janitor] sweep of %s failed: %s (%s)", upkeep.executor.name, err.code, err.message)
-                    self._stopped.wait(1.0)  # an unreachable worker: do not spin
+                    if err.code == "worker_unavailable" and len(self._upkeeps) > 1:
+                        self._on_unavailable(upkeep, err)  # the others' sweeps need not wait for it
+                    else:
+                        self._stopped.wait(1.0)  # an unreachable worker: do not spin
                 except Exception:
                     log.exception("[janitor] sweep failed")
                     self._stopped.wait(1.0)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from model_store_server import create_app
 from model_store_server.config import StoreConfig
+from model_store_server.workers_config import WorkerSpec
 from tests.support.fake_worker import FakeWorker
 
 
@@ -31,6 +32,21 @@ def fake_store(tmp_path: Path, fake: FakeWorker | None = None, models: tuple[str
     app = create_app(config, worker=fake)
     app.config["TESTING"] = True
     return app, fake
+
+
+def fake_workers_store(tmp_path: Path, fakes: list[FakeWorker],
+                       models: tuple[str, ...] = ("a.gguf", "b.gguf", "c.gguf"), **settings):
+    """A store over several FakeWorkers, named w0, w1, ...; settings override StoreConfig.
+
+    A second call with the same tmp_path reuses the models (a store restarted over the same files)."""
+    workers = tuple(WorkerSpec(f"w{i}", f"http://fake-{i}:8080") for i in range(len(fakes)))
+    models_dir = tmp_path / "store-models"
+    if not models_dir.exists():
+        write_models(models_dir, list(models))
+    config = replace(StoreConfig(models_dir=models_dir, workers=workers), **settings)
+    app = create_app(config, worker=list(fakes))
+    app.config["TESTING"] = True
+    return app
 
 
 def core_of(app):
