@@ -38,3 +38,8 @@ class Outcome:
             "X-Queue-Ms": f"{max(0.0, self.queue_ms):.1f}",
             "X-Transport": self.transport,
         }
+
+    def sse_comment(self) -> str:
+        """The same report as an SSE comment, for a stream whose status line went out before the decision."""
+        return (f": x-cache-action={self.action or ''} evicted={','.join(self.evicted)} "
+                f"unloaded={','.join(self.unloaded)} worker_ms={self.worker_ms:.1f}\n\n")
