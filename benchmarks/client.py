@@ -21,13 +21,21 @@ class Completion:
     total_s: float
     tokens: int
     error: str | None = None  # the envelope's code, else the HTTP status or the exception's name
-    cache_action: str | None = None  # model-swap's X-Cache-Action
-    headers_at: float | None = None  # perf_counter() when the response headers arrived
+    cache_action: str | None = None  # model-swap's X-Cache-Action, or its SSE comment after a long wait
+    action_at: float | None = None  # perf_counter() when that action was told
 
 
 def _event_data(event: bytes) -> bytes:
     """The data of one server-sent event; comments (": ping", sent while a request waits) have none."""
     return b"\n".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+
+
+def _told_action(event: bytes) -> str | None:
+    """The action in model-swap's outcome comment, sent instead of headers when a request waited long."""
+    for line in event.split(b"\n"):
+        if line.startswith(b": x-cache-action="):
+            return line[len(b": x-cache-action="):].split(b" ", 1)[0].decode()
+    return None
 
 
 def _error_code(response: requests.Response) -> str:
@@ -45,25 +53,33 @@ def complete(base_url: str, model: str, max_tokens: int, prompt: str = PROMPT, t
     started = time.perf_counter()
     try:
         with http.post(base_url + "/v1/completions", json=body, stream=True, timeout=timeout_s) as response:
-            headers_at = time.perf_counter()
             action = response.headers.get("X-Cache-Action")
+            action_at = time.perf_counter() if action else None
             if response.status_code != 200:
                 return Completion(False, None, time.perf_counter() - started, 0, _error_code(response), action,
-                                  headers_at)
-            ttft, tokens, buffer = None, 0, b""
+                                  action_at)
+            ttft, tokens, buffer, error = None, 0, b"", None
             for chunk in response.iter_content(chunk_size=None):
                 buffer += chunk.replace(b"\r\n", b"\n")
                 *events, buffer = buffer.split(b"\n\n")
-                for data in filter(None, map(_event_data, events)):
-                    if data == b"[DONE]":
+                for event in events:
+                    if action is None and (action := _told_action(event)):
+                        action_at = time.perf_counter()
+                    data = _event_data(event)
+                    if not data or data == b"[DONE]":
                         continue
-                    choices = json.loads(data).get("choices") or []
+                    payload = json.loads(data)
+                    if isinstance(payload.get("error"), dict):  # failed after the status line was sent
+                        error = str(payload["error"].get("code"))
+                        continue
+                    choices = payload.get("choices") or []
                     if choices and choices[0].get("finish_reason") is None:
                         tokens += 1
                         if ttft is None:
                             ttft = time.perf_counter() - started
-            return Completion(tokens > 0, ttft, time.perf_counter() - started, tokens,
-                              None if tokens else "no_tokens", action, headers_at)
+            ok = tokens > 0 and error is None
+            return Completion(ok, ttft, time.perf_counter() - started, tokens,
+                              None if ok else error or "no_tokens", action, action_at)
     except (requests.RequestException, ValueError, OSError) as err:  # ValueError: a garbled event
         return Completion(False, None, time.perf_counter() - started, 0, type(err).__name__)
 

@@ -86,12 +86,13 @@ def run(url: str, model_ids: list[str], clients: int, seconds: float, max_tokens
               "ok": len(latencies), "errors": dict(errors), "p50_s": percentile(latencies, 50),
               "p95_s": percentile(latencies, 95), "max_s": max(latencies, default=float("nan")),
               "weights": list(weights)}
-    actions = [(r.headers_at, model, r.cache_action) for model, r in records if r.cache_action]
+    actions = [(r.action_at, model, r.cache_action) for model, r in records if r.cache_action]
     if actions:  # model-swap says what each request caused: compare with what the order needed
         served = [model for _, model, _ in sorted(actions, key=lambda a: a[0])]
         counts = Counter(action for _, _, action in actions)
         result.update(
             actions=dict(counts),
+            told=len(actions),  # requests whose outcome was told (header or comment), to set against `ok`
             transfers=counts["load_from_store"],
             loads=counts["load_from_store"] + counts["load_from_local_store"],
             lru_transfers=lru_misses(served, capacity),

@@ -192,7 +192,8 @@ def _mixed_section(results: dict) -> str:
             f"{r['lru_transfers']}, Belady's minimum is {r['belady_transfers']} "
             f"({_ratio(r['transfers'], r['belady_transfers'])} the minimum). It made **{r['loads']} loads**; "
             f"one model in memory needs at least {r['fewest_loads']} for that order "
-            f"({_ratio(r['loads'], r['fewest_loads'])}). Actions: {r['actions']}.\n")
+            f"({_ratio(r['loads'], r['fewest_loads'])}). Actions: {r['actions']}, told for "
+            f"{r.get('told', '?')} of the {r['ok']} requests served.\n")
 
 
 def _transfer_section(results: dict) -> str:

@@ -4,9 +4,10 @@ The WSGI stream copies every byte several times (gunicorn's recv buffers, its re
 BytesIO, the block handed to the app) before the cache writes it: at 250 MB that was most
 of a push. Here the kernel moves the bytes from the socket into the file's page cache
 (`splice` through a pipe, no copy into Python), and a second thread reads them back from the
-page cache to hash them, trailing the writer, so the hash costs no time on the receive path.
-A third thread starts the disk write-back every 32 MiB (fdatasync), so the fsync that makes
-the file durable before it is published waits for the last few MiB, not for all of them.
+page cache to hash them in place (a mapping, no copy), trailing the writer, so the hash costs
+no time on the receive path. A third thread starts the disk write-back every 32 MiB
+(fdatasync), and flushes the tail while the hasher finishes, so the fsync that makes the file
+durable before it is published waits for neither all the bytes nor the hash.
 Only gunicorn's plain sockets qualify; anything else (TLS, chunked bodies, another server,
 Flask's test client) takes the ordinary stream.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import mmap
 import os
 import socket
 import ssl
@@ -103,10 +105,14 @@ class _Follower:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def finish(self) -> None:
+        """No more bytes will come: work through the rest (without waiting for it)."""
         with self._cond:
             self._done = True
             self._cond.notify()
+
+    def __exit__(self, *exc) -> None:
+        self.finish()
         self._thread.join()
 
     def raise_if_failed(self) -> None:
@@ -115,20 +121,20 @@ class _Follower:
 
 
 class _Hasher(_Follower):
-    """sha256 of the bytes, read back from the page cache into one reused buffer."""
+    """sha256 of the bytes, read in place from the page cache through a mapping (no copy)."""
 
     def __init__(self, fd: int):
         super().__init__(fd, "cache-hasher")
         self._sha = hashlib.sha256()
-        self._view = memoryview(bytearray(self.step))
 
     def _work(self, start: int, end: int, final: bool) -> None:
-        while start < end:
-            n = os.preadv(self._fd, [self._view[:min(self.step, end - start)]], start)
-            if n == 0:
-                raise OSError(f"file ended at {start} bytes while hashing; {end} were written")
-            self._sha.update(self._view[:n])
-            start += n
+        # Mappings start on a granularity boundary; the bytes before `start` in the first one are skipped.
+        base = start - start % mmap.ALLOCATIONGRANULARITY
+        if os.fstat(self._fd).st_size < end:
+            raise OSError(f"file ended before {end} bytes while hashing")
+        with mmap.mmap(self._fd, end - base, prot=mmap.PROT_READ, offset=base) as mapped, \
+                memoryview(mapped) as view:
+            self._sha.update(view[start - base:])
 
     def hexdigest(self) -> str:
         self.raise_if_failed()
@@ -136,7 +142,10 @@ class _Hasher(_Follower):
 
 
 class _Flusher(_Follower):
-    """Starts the disk write-back while bytes still arrive, so the final fsync has little left."""
+    """Starts the disk write-back while bytes still arrive, so the final fsync has little left.
+
+    The last flush, of the tail, runs while the hasher finishes its own tail: the two waits overlap.
+    """
 
     step = 32 << 20  # each call also commits the journal: not too often
 
@@ -144,8 +153,7 @@ class _Flusher(_Follower):
         super().__init__(fd, "cache-flusher")
 
     def _work(self, start: int, end: int, final: bool) -> None:
-        if not final:  # the caller's own fsync covers the tail
-            os.fdatasync(self._fd)
+        os.fdatasync(self._fd)
 
 
 def _wait_readable(sock: socket.socket) -> None:
@@ -189,5 +197,7 @@ def splice_into(body: RawBody, fd: int) -> tuple[str, int]:
         finally:
             os.close(pipe_r)
             os.close(pipe_w)
+        hasher.finish()  # both tails at once: the last hash step and the last flush
+        flusher.finish()
     flusher.raise_if_failed()
     return hasher.hexdigest(), written

@@ -142,9 +142,7 @@ def _generate_in(body: dict, chat: bool, context: ChatContext):
             except ApiError as err:
                 yield f"data: {json.dumps(err.to_json())}\n\n"
                 return
-            o = forward.outcome
-            yield (f": x-cache-action={o.action} evicted={','.join(o.evicted)} unloaded={','.join(o.unloaded)}"
-                   f" worker_ms={o.worker_ms:.1f}\n\n")
+            yield forward.outcome.sse_comment()
             try:
                 yield from sse(forward)
             finally:

@@ -15,6 +15,7 @@ import pytest
 
 from benchmarks.client import complete
 from benchmarks.mixed import belady_misses, fewest_loads, lru_misses
+from model_store_server.outcome import Outcome
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -73,6 +74,7 @@ def test_quick_run_with_tiny_models_writes_a_well_formed_report(make_model, tmp_
     assert "load_from_store" not in own["warm_swap"]["actions"]["tiny-a.gguf"]  # warm: no transfer
     assert set(own["cold_swap"]["actions"]["tiny-b.gguf"]) == {"load_from_store"}  # really a transfer
     assert own["mixed"]["errors"] == {} and own["mixed"]["transfers"] >= own["mixed"]["belady_transfers"]
+    assert own["mixed"]["told"] == own["mixed"]["ok"]  # every served request's outcome was counted
 
 
 def test_cache_arithmetic_on_a_known_order():
@@ -84,33 +86,57 @@ def test_cache_arithmetic_on_a_known_order():
     assert belady_misses([], 2) == lru_misses([], 2) == fewest_loads([]) == 0
 
 
-class _SseHandler(BaseHTTPRequestHandler):
-    """Streams what llama_cpp.server sends while a request waits: a comment, CRLF line ends, then tokens."""
-
-    def do_POST(self):  # noqa: N802 (http.server's naming)
-        self.rfile.read(int(self.headers["Content-Length"]))
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        token = {"choices": [{"text": "a", "finish_reason": None}]}
-        last = {"choices": [{"text": "", "finish_reason": "length"}]}
-        for event in (b": ping - 2026-01-01", f"data: {json.dumps(token)}".encode(),
-                      f"data: {json.dumps(token)}".encode(), f"data: {json.dumps(last)}".encode(), b"data: [DONE]"):
-            self.wfile.write(event + b"\r\n\r\n")
-            self.wfile.flush()
-
-    def log_message(self, *args):
-        pass
+TOKEN = f"data: {json.dumps({'choices': [{'text': 'a', 'finish_reason': None}]})}".encode()
+LAST = f"data: {json.dumps({'choices': [{'text': '', 'finish_reason': 'length'}]})}".encode()
 
 
-def test_the_client_counts_token_events_only():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SseHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def _sse_server(events: list[bytes]) -> ThreadingHTTPServer:
+    """A loopback server that answers every POST with these server-sent events, CRLF line ends."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's naming)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for event in events:
+                self.wfile.write(event + b"\r\n\r\n")
+                self.wfile.flush()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _complete_against(events: list[bytes]):
+    server = _sse_server(events)
     try:
-        result = complete(f"http://127.0.0.1:{server.server_address[1]}", "m", 2)
+        return complete(f"http://127.0.0.1:{server.server_address[1]}", "m", 2)
     finally:
         server.shutdown()
         server.server_close()
-    assert (result.ok, result.tokens, result.error) == (True, 2, None)
+
+
+def test_the_client_counts_token_events_only():
+    # What llama_cpp.server sends while a request waits: a comment, then tokens.
+    result = _complete_against([b": ping - 2026-01-01", TOKEN, TOKEN, LAST, b"data: [DONE]"])
+    assert (result.ok, result.tokens, result.error, result.cache_action) == (True, 2, None, None)
     assert 0 < result.ttft_s <= result.total_s
+
+
+def test_the_client_reads_the_outcome_a_waiting_stream_tells_in_a_comment():
+    # A model-swap request that waited for a swap has no X-Cache-Action header: the store's comment tells it.
+    outcome = Outcome(action="load_from_store", evicted=["x.gguf"])
+    comment = outcome.sse_comment().strip().encode()
+    result = _complete_against([b": transferring m... 45%", comment, TOKEN, LAST, b"data: [DONE]"])
+    assert (result.ok, result.cache_action) == (True, "load_from_store")
+    assert result.action_at is not None
+
+
+def test_an_error_after_the_status_line_counts_by_its_code():
+    error = json.dumps({"error": {"code": "load_failed", "message": "no"}}).encode()
+    result = _complete_against([b": loading m...", b"data: " + error])
+    assert (result.ok, result.error) == (False, "load_failed")
