@@ -47,4 +47,4 @@ class Outcome:
     def sse_comment(self) -> str:
         """The same report as an SSE comment, for a stream whose status line went out before the decision."""
         return (f": x-cache-action={self.action or ''} evicted={','.join(self.evicted)} "
-                f"unloaded={','.join(self.unloaded)} worker_ms={self.worker_ms:.1f}\n\n")
+                f"unloaded={','.join(self.unloaded)} worker_ms={self.worker_ms:.1f} worker={self.worker}\n\n")
