@@ -28,6 +28,8 @@ from model_swap.errors import ApiError
 from model_swap.web import GenerationRequest, json_body, parse_generation
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
+# What a client is told when the worker's answer stops before its end (the worker died, or its connection).
+BROKE_OFF = ApiError(502, "worker_error", "the worker's stream broke off before the answer was complete")
 WAIT_BEFORE_PROGRESS_S = 1.0  # a request that waits longer starts its stream with progress comments
 PROGRESS_EVERY_S = 0.5
 
@@ -91,8 +93,9 @@ def _generate_in(body: dict, chat: bool, context: ChatContext):
     if not stream:
         forward = start_generation(store, model, request, "ndjson", keep_alive_s, outcome, prepare)
         done = collect(forward)
-        if done.summary:
-            context.record(model, done.text, done.summary)
+        if not done.summary:  # the worker's stream broke off (logged by forwarding); nothing is recorded
+            raise BROKE_OFF
+        context.record(model, done.text, done.summary)
         context.close()
         answer = dict(base, choices=[_choice(chat, done.text, done.summary.get("finish_reason"), False,
                                              logprobs(done.logprobs))])
@@ -112,15 +115,19 @@ def _generate_in(body: dict, chat: bool, context: ChatContext):
     def sse(forward: Forward) -> Iterator[str]:
         if chat:
             yield frame([dict(_choice(True, None, None, True, None), delta={"role": "assistant"})])
-        offset = 0
+        offset, finished = 0, False
         for event in context.observe(model, events(forward)):
             if "text" in event:
                 yield frame([_choice(chat, event["text"], None, True, logprobs(event.get("logprobs"), offset))])
                 offset += len(event["text"])
             else:
+                finished = True
                 yield frame([_choice(chat, None if chat else "", event.get("finish_reason"), True, None)])
                 if with_usage:
                     yield frame([], usage=usage(event))
+        if not finished:  # the worker's stream broke off: say so, as an OpenAI stream carries errors
+            yield f"data: {json.dumps(BROKE_OFF.to_json())}\n\n"
+            return
         yield "data: [DONE]\n\n"
 
     pending = PendingForward(store, model, request, "ndjson", keep_alive_s, outcome, prepare)

@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+import requests
+
 from model_store_server.worker_client import LoadedModel, WorkerState, WorkerUnavailable
 from model_swap.errors import ApiError
 
@@ -77,6 +79,7 @@ class FakeWorker:
         self.n_ctx = 2048
         self.sent: list[tuple[str, tuple[dict, ...] | None]] = []  # each generation's model and chat messages
         self._holds: dict[str, threading.Event] = {}
+        self._breaks: set[str] = set()
         self._cond = threading.Condition()
 
     # ---- test controls ---------------------------------------------------------------------
@@ -91,6 +94,11 @@ class FakeWorker:
             event = self._holds.pop(model, None)
         if event:
             event.set()
+
+    def break_streams(self, model: str) -> None:
+        """Streams of `model` break off after their first piece, as when the worker dies mid-answer."""
+        with self._cond:
+            self._breaks.add(model)
 
     def fail_next(self, op: str, err: ApiError) -> None:
         """Make the next call of `op` (load, push, delete, unload, infer, state) raise `err`."""
@@ -240,6 +248,8 @@ class FakeWorker:
     def iter_text(self, upstream: FakeStream) -> Iterator[bytes]:
         try:
             for i, piece in enumerate(upstream.pieces):
+                if i == 1 and upstream.model in self._breaks:
+                    raise requests.ConnectionError("fake worker: connection reset mid-stream")
                 if i == 1:
                     with self._cond:
                         hold = self._holds.get(upstream.model)
