@@ -49,6 +49,7 @@ class StoreConfig:
     preload_models: tuple[str, ...] = ()
     max_queue: int = 64  # requests waiting per model before 429 queue_full
     queue_timeout_s: float = 300.0  # longest wait before 503 queue_timeout
+    switch_settle_s: float = 0.5  # /admin/switch: wait after unloading for memory to be returned
     models_config: ModelsConfig = ModelsConfig()
 
     def __post_init__(self) -> None:
@@ -84,6 +85,8 @@ class StoreConfig:
         if len(self.pinned_models) >= self.max_cache_size and self.cache_policy != "ttl":
             raise ConfigError(f"PINNED_MODELS ({len(self.pinned_models)}) must leave room in MAX_CACHE_SIZE="
                               f"{self.max_cache_size} for other models")
+        if self.switch_settle_s < 0:
+            raise ConfigError(f"SWITCH_SETTLE_S must not be negative, got {self.switch_settle_s}")
         if self.request_timeout_s <= 0:
             raise ConfigError(f"REQUEST_TIMEOUT_S must be positive, got {self.request_timeout_s}")
         if self.host not in LOOPBACK_HOSTS and not self.api_key and not self.allow_insecure:
@@ -140,6 +143,8 @@ def store_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                 "requests that may wait for one model before 429 queue_full")
     add_setting(p, env, "--queue-timeout-s", "QUEUE_TIMEOUT_S", d.queue_timeout_s,
                 "longest wait for a model before 503 queue_timeout")
+    add_setting(p, env, "--switch-settle-s", "SWITCH_SETTLE_S", d.switch_settle_s,
+                "seconds /admin/switch waits after unloading, for memory to be returned, before it loads")
     return p
 
 
@@ -172,6 +177,7 @@ def load_store_config(argv: Sequence[str] | None = None, env: Mapping[str, str] 
         preload_models=_name_list(a.preload_models),
         max_queue=parse_number(a.max_queue, "MAX_QUEUE"),
         queue_timeout_s=parse_number(a.queue_timeout_s, "QUEUE_TIMEOUT_S", float),
+        switch_settle_s=parse_number(a.switch_settle_s, "SWITCH_SETTLE_S", float),
         models_config=load_models_config(a.models_config),
     )
 

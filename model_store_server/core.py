@@ -23,6 +23,7 @@ from model_store_server.gates import WorkerGates
 from model_store_server.metrics import StoreMetrics
 from model_store_server.outcome import Outcome
 from model_store_server.policy import build_policy
+from model_store_server.switch import SwitchReport, Switcher
 from model_store_server.transport import Transport, build_transport
 from model_store_server.upkeep import Janitor, Upkeep
 from model_store_server.worker_client import LoadedModel, WorkerClient
@@ -57,6 +58,7 @@ class StoreCore:
                                ("ttl", "lru-ttl") else None)
         for slot in slots:
             slot.executor.on_idle = self.janitor.ring
+        self.switcher = Switcher(config.switch_settle_s)
 
     @property
     def policy_name(self) -> str:
@@ -95,6 +97,15 @@ class StoreCore:
 
     def prefetch(self, name: str) -> Outcome:
         return self.slot_for(name).upkeep.bring(self.catalog.get(name), load=False)
+
+    def load(self, name: str) -> Outcome:
+        """Transfer if needed and load `name`, making room as a request would (no use is held)."""
+        return self.slot_for(name).upkeep.bring(self.catalog.get(name), load=True)
+
+    def switch(self, name: str) -> SwitchReport:
+        """Make `name` resident now, with the worker's memory read around the unloads and the load."""
+        model = self.catalog.get(name)
+        return self.switcher.switch(self.slot_for(name).executor, model)
 
     def preload(self, names: tuple[str, ...]) -> None:
         """Transfer and load each model (PRELOAD_MODELS, PINNED_MODELS); failures are logged."""
