@@ -1,0 +1,102 @@
+"""`model-swap`, the user's command line: serve, look at and change what the store holds, chat.
+
+Exit codes: 0 done, 1 the store answered an error (shown as its code and message), 2 a usage
+error, 3 the store could not be reached, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+from typing import Mapping, Sequence
+
+from rich.console import Console
+
+from model_swap.cli import add_setting, settings_parser
+from model_swap.commands import admin, chat, events, serve, views
+from model_swap.commands.client import StoreClient, StoreError, StoreUnreachable
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
+
+
+def _connection_options(env: Mapping[str, str], suppress: bool) -> argparse.ArgumentParser:
+    """--url, --api-key and --json, accepted before and after the command (after wins)."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_setting(p, env, "--url", "MODEL_SWAP_URL", DEFAULT_URL, "the store's address")
+    add_setting(p, env, "--api-key", "STORE_API_KEY", None, "the store's key, if it has one", secret=True)
+    p.add_argument("--json", action="store_true", help="print the store's JSON answer instead of tables")
+    if suppress:  # after the command, a flag left out must not reset what was given before it
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+    return p
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = settings_parser("model-swap", "Serve, inspect and switch the models of a model-swap store, and chat.")
+    for action in _connection_options(env, suppress=False)._actions:
+        parser._add_action(action)
+    common = _connection_options(env, suppress=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=description, description=description)
+
+    serve.add_arguments(command("serve", "start the worker and the store with the real models (like "
+                                         "scripts/serve.sh) and keep them running until Ctrl-C"), env)
+    command("ps", "per worker: the models in memory (memory, streams, keep-alive left) and the disk cache")
+    command("list", "the store's models: size, aliases and where each is")
+    for name, what in (("load", "put MODEL in the worker's memory now (transferring it first if needed)"),
+                       ("unload", "unload MODEL from memory once its streams end; its file stays cached"),
+                       ("evict", "unload MODEL and delete its file from the worker's disk"),
+                       ("switch", "make MODEL resident now, draining what must go, and print the worker's "
+                                  "memory before and after")):
+        command(name, what).add_argument("model", metavar="MODEL")
+    c = command("chat", "chat with MODEL, streaming; /switch OTHER continues the conversation on another model")
+    c.add_argument("model", metavar="MODEL")
+    c.add_argument("--session", help="continue this session id (default: a new one)")
+    c.add_argument("--max-tokens", type=int, help="longest answer in tokens (default: the store's)")
+    e = command("events", "follow what the store does (transfers with a progress bar, loads, unloads)")
+    e.add_argument("--until", metavar="KIND", help="stop after the first event of this kind (e.g. loaded)")
+    return parser
+
+
+def run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    """Carry out one parsed command."""
+    if args.command == "serve":
+        return serve.serve(args, out, err)
+    client = StoreClient(args.url, args.api_key)
+    quiet = Console(file=io.StringIO()) if args.json else out  # --json: only the JSON on stdout
+    if args.command == "ps":
+        answer = views.show_ps(client, quiet)
+    elif args.command == "list":
+        answer = views.show_list(client, quiet)
+    elif args.command in ("load", "unload", "evict"):
+        answer = admin.change(client, quiet, args.command, args.model)
+    elif args.command == "switch":
+        answer = admin.switch(client, quiet, args.model)
+    elif args.command == "chat":
+        return chat.Chat(client, out, err, args.model, args.session, args.max_tokens).run()
+    else:
+        return events.follow(client, out, err, args.until, as_json=args.json)
+    if args.json:
+        out.file.write(json.dumps(answer, indent=2) + "\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    env = os.environ if env is None else env
+    out, err = Console(), Console(stderr=True)
+    args = build_parser(env).parse_args(argv)
+    try:
+        return run(args, out, err)
+    except StoreError as failure:
+        err.print(f"[red]error[/red] {failure.code}: {failure.message}", highlight=False)
+        return EXIT_ERROR
+    except StoreUnreachable as failure:
+        err.print(f"[red]error[/red] {failure}", highlight=False)
+        return EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

@@ -1,0 +1,97 @@
+"""`model-swap chat MODEL`: a streaming chat over /v1/chat/completions, in one session.
+
+Each request carries the session id (`X-Session-Id`) and only the new user message: the store
+keeps the conversation, so `/switch OTHER` continues the same one on another model.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from typing import Iterator, TextIO
+
+from rich.console import Console
+
+from model_swap.commands.client import StoreClient, StoreError, data_events
+
+HELP = "/switch MODEL  continue this conversation on another model\n/exit          leave (so does Ctrl-D)"
+
+
+def _lines(stdin: TextIO, prompt: str) -> Iterator[str]:
+    """The user's lines: with a prompt and line editing at a terminal, plain lines from a pipe."""
+    if stdin.isatty():
+        while True:
+            try:
+                yield input(prompt)
+            except EOFError:
+                return
+    else:
+        for line in stdin:
+            yield line.rstrip("\n")
+
+
+class Chat:
+    """One conversation: a session id, the model the next message goes to, and the turns' failures."""
+
+    def __init__(self, client: StoreClient, out: Console, err: Console, model: str, session: str | None,
+                 max_tokens: int | None):
+        self.client, self.out, self.err = client, out, err
+        self.model = model
+        self.session = session or uuid.uuid4().hex
+        self.max_tokens = max_tokens
+        self.failed = 0
+
+    def run(self, stdin: TextIO = sys.stdin) -> int:
+        self.err.print(f"[dim]session {self.session} with {self.model}; /switch MODEL, /exit[/dim]")
+        for line in _lines(stdin, f"{self.model}> "):
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/exit", "/quit", "/bye"):
+                break
+            if text.startswith("/"):
+                self.command(text)
+                continue
+            self.turn(line)
+        return 1 if self.failed else 0
+
+    def command(self, text: str) -> None:
+        verb, _, arg = text.partition(" ")
+        if verb == "/switch" and arg.strip():
+            self.model = arg.strip()
+            self.err.print(f"[dim]switched to {self.model}; session {self.session} continues[/dim]")
+        else:
+            self.err.print(HELP)
+
+    def turn(self, message: str) -> None:
+        """Send one user message and stream the answer to stdout."""
+        body: dict = {"model": self.model, "messages": [{"role": "user", "content": message}], "stream": True}
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        wrote = False
+        try:
+            frames = self.client.sse("/v1/chat/completions", body, headers={"X-Session-Id": self.session})
+            for kind, data in data_events(frames):
+                if kind == "comment":
+                    if data and not data.startswith("x-cache-action"):
+                        self.err.print(f"[dim]{data}[/dim]")  # transferring X... 45%
+                elif data == "[DONE]":
+                    break
+                elif isinstance(data, dict) and "error" in data:
+                    error = data["error"]
+                    raise StoreError(0, str(error.get("code")), str(error.get("message")))
+                elif isinstance(data, dict):
+                    for choice in data.get("choices", []):
+                        piece = (choice.get("delta") or {}).get("content")
+                        if piece:
+                            self.out.file.write(piece)
+                            self.out.file.flush()
+                            wrote = True
+        except StoreError as err:
+            if wrote:
+                self.out.file.write("\n")
+            self.err.print(f"[red]error[/red] {err.code}: {err.message}")
+            self.failed += 1
+            return
+        self.out.file.write("\n")
+        self.out.file.flush()
