@@ -200,3 +200,50 @@ def test_events_follows_a_transfer_and_a_load(stack):
     kinds = [line.split()[1:3] for line in out.splitlines()]
     assert kinds == [["transfer_started", "c.gguf"], ["transfer_done", "c.gguf"], ["load_started", "c.gguf"],
                      ["loaded", "c.gguf"]]
+
+
+def _start_serve(args: list[str], tmp_path: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "model_swap", "serve", "--no-fetch", *args,
+                             "--cache-dir", str(tmp_path / "cache"), "--run-dir", str(tmp_path / "run")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={"PATH": "/usr/bin:/bin"})
+
+
+def test_serve_starts_both_services_and_stops_them_on_ctrl_c(make_model, tmp_path):
+    from model_swap.testing import free_port
+
+    make_model(tmp_path / "models", "a.gguf", seed=1)
+    store_port, worker_port = free_port(), free_port()
+    proc = _start_serve(["--models-dir", str(tmp_path / "models"), "--models-config", "",
+                         "--store-port", str(store_port), "--worker-port", str(worker_port)], tmp_path)
+    try:
+        assert proc.stdout.readline().startswith(f"Ready: http://127.0.0.1:{store_port}")
+        url = f"http://127.0.0.1:{store_port}"
+        assert requests.get(url + "/health", timeout=10).json()["worker"] == "ok"
+        r = requests.post(url + "/user_request", json={"model": "a.gguf", "prompt": "hi", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.headers["X-Cache-Action"] == "load_from_store"
+        proc.send_signal(2)  # Ctrl-C
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    _, err = proc.communicate()
+    assert "a.gguf" in err and "stopping" in err
+    for port in (store_port, worker_port):  # both services are gone
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    assert (tmp_path / "run" / "store.log").stat().st_size > 0 and (tmp_path / "cache" / "a.gguf").is_file()
+
+
+def test_serve_refuses_a_port_in_use(stack, tmp_path):
+    _, store = stack
+    proc = _start_serve(["--store-port", str(store.port), "--worker-port", "1"], tmp_path)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and f"port {store.port} (the store's) is already in use" in err
+
+
+def test_serve_help_names_its_settings():
+    done = subprocess.run([sys.executable, "-m", "model_swap", "serve", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0
+    for flag in ("--store-port", "--worker-port", "--models-dir", "--models-config", "--cache-dir", "--no-fetch"):
+        assert flag in done.stdout
