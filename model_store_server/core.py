@@ -102,10 +102,10 @@ class StoreCore:
         """Transfer if needed and load `name`, making room as a request would (no use is held)."""
         return self.slot_for(name).upkeep.bring(self.catalog.get(name), load=True)
 
-    def switch(self, name: str) -> SwitchReport:
+    def switch(self, name: str, exclusive: bool = False) -> SwitchReport:
         """Make `name` resident now, with the worker's memory read around the unloads and the load."""
         model = self.catalog.get(name)
-        return self.switcher.switch(self.slot_for(name).executor, model)
+        return self.switcher.switch(self.slot_for(name).upkeep, model, exclusive)
 
     def preload(self, names: tuple[str, ...]) -> None:
         """Transfer and load each model (PRELOAD_MODELS, PINNED_MODELS); failures are logged."""

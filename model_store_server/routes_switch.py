@@ -8,6 +8,7 @@ from flask import Blueprint, jsonify
 
 from model_store_server import state
 from model_store_server.model_names import model_names
+from model_swap.errors import ApiError
 from model_swap.web import json_body
 
 bp = Blueprint("switch", __name__)
@@ -28,6 +29,11 @@ def admin_load():
 
 @bp.post("/admin/switch")
 def admin_switch():
-    """Make a model resident now, draining what must be unloaded; report the worker's memory at each step."""
-    name = model_names().resolve(json_body().get("model"))
-    return jsonify(state.core().switch(name).to_json())
+    """Make a model resident now, draining what must be unloaded (with "exclusive": true, every other
+    unpinned model); report the worker's memory at each step."""
+    body = json_body()
+    name = model_names().resolve(body.get("model"))
+    exclusive = body.get("exclusive", False)
+    if not isinstance(exclusive, bool):
+        raise ApiError(400, "invalid_request", "exclusive must be true or false", param="exclusive")
+    return jsonify(state.core().switch(name, exclusive).to_json())

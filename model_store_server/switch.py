@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from model_store_server.catalog import StoredModel
-from model_store_server.executor import Executor
 from model_store_server.outcome import Outcome
+from model_store_server.upkeep import Upkeep
 from model_swap.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class SwitchReport:
 
     model: str
     outcome: Outcome
-    settle_s: float
+    settle_s: float = 0.0  # the settle waits made (none when nothing was unloaded)
     elapsed_ms: float = 0.0
     snapshots: dict[str, dict] = field(default_factory=dict)
 
@@ -49,20 +49,25 @@ class Switcher:
         self._sleep = sleep
         self._lock = threading.Lock()
 
-    def switch(self, executor: Executor, model: StoredModel) -> SwitchReport:
-        """Make `model` resident on `executor`'s worker, draining what must be unloaded."""
+    def switch(self, upkeep: Upkeep, model: StoredModel, exclusive: bool = False) -> SwitchReport:
+        """Make `model` resident on `upkeep`'s worker, draining what must be unloaded (with exclusive,
+        every other unpinned model)."""
         with self._lock:
-            return _Switch(executor, model, self.settle_s, self._sleep).run()
+            return _Switch(upkeep, model, self.settle_s, self._sleep, exclusive).run()
 
 
 class _Switch:
     """One switch in progress."""
 
-    def __init__(self, executor: Executor, model: StoredModel, settle_s: float, sleep: Callable[[float], None]):
-        self.executor = executor
+    def __init__(self, upkeep: Upkeep, model: StoredModel, settle_s: float, sleep: Callable[[float], None],
+                 exclusive: bool):
+        self.upkeep = upkeep
+        self.executor = upkeep.executor
         self.model = model
         self.sleep = sleep
-        self.report = SwitchReport(model.name, Outcome(), settle_s)
+        self.settle_s = settle_s
+        self.exclusive = exclusive
+        self.report = SwitchReport(model.name, Outcome())
         self.started = time.monotonic()
         self.unloads_seen = 0
 
@@ -71,9 +76,19 @@ class _Switch:
         deadline = time.monotonic() + ex.settings.queue_timeout_s
         with ex.gates.lane(deadline, self.model.name):
             self.take("before_unload")
+            if self.exclusive:
+                ex.refresh()
+                others = [n for n in ex.belief.resident() if n != self.model.name and n not in ex.belief.pinned]
+                self.upkeep.drain(others, deadline)  # closed at once: their running streams complete
+                for i, name in enumerate(others):
+                    try:
+                        ex.unload(name, self.report.outcome, "switch")
+                    except ApiError:
+                        ex.gates.reopen(others[i + 1:])  # not unloaded: they serve again
+                        raise
             ex.bring(self.model, self.report.outcome, deadline, ex.settings.keep_alive_s, use=False,
                      before_load=self.settle)
-            if "after_settle" not in self.report.snapshots:  # already resident: nothing was unloaded
+            if "after_settle" not in self.report.snapshots:  # already resident: no load to settle before
                 self.settle()
             self.take("after_load")
         outcome = self.report.outcome
@@ -91,8 +106,9 @@ class _Switch:
         if "after_settle" in self.report.snapshots and unloaded == self.unloads_seen:
             return  # a retried load with nothing new unloaded: the readings stand
         self.take("after_unload")
-        if unloaded > self.unloads_seen and self.report.settle_s > 0:
-            self.sleep(self.report.settle_s)
+        if unloaded > self.unloads_seen and self.settle_s > 0:
+            self.sleep(self.settle_s)
+            self.report.settle_s += self.settle_s
         self.unloads_seen = unloaded
         self.take("after_settle")
 

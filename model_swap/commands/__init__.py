@@ -54,6 +54,8 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                        ("switch", "make MODEL resident now, draining what must go, and print the worker's "
                                   "memory before and after")):
         command(name, what).add_argument("model", metavar="MODEL")
+    sub.choices["switch"].add_argument("--exclusive", action="store_true",
+                                       help="unload every other (unpinned) model too, even if they all fit")
     c = command("chat", "chat with MODEL, streaming; /switch OTHER continues the conversation on another model")
     c.add_argument("model", metavar="MODEL")
     c.add_argument("--session", help="continue this session id (default: a new one)")
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
     elif args.command in ("load", "unload", "evict"):
         answer = admin.change(client, quiet, args.command, args.model)
     elif args.command == "switch":
-        answer = admin.switch(client, quiet, args.model)
+        answer = admin.switch(client, quiet, args.model, args.exclusive)
     elif args.command == "chat":
         return chat.Chat(client, out, err, args.model, args.session, args.max_tokens).run()
     else:

@@ -33,11 +33,12 @@ def _gpu(reading: dict, key: str) -> str:
     return " + ".join(size(g.get(key)) for g in gpus)
 
 
-def switch(client: StoreClient, out: Console, model: str) -> dict:
+def switch(client: StoreClient, out: Console, model: str, exclusive: bool = False) -> dict:
     """POST /admin/switch and print the four memory snapshots."""
-    body = client.post("/admin/switch", {"model": model})
+    body = client.post("/admin/switch", {"model": model, "exclusive": exclusive})
+    settle = f"; waited {body['settle_s']}s for memory to settle" if body.get("settle_s") else ""
     out.print(f"switched to {body['model']} ({body.get('action')}) in {body.get('elapsed_ms', 0):.0f} ms; "
-              f"unloaded: {_names(body.get('unloaded', []))}; settle wait {body.get('settle_s')}s")
+              f"unloaded: {_names(body.get('unloaded', []))}{settle}")
     table = Table(title="worker memory", title_justify="left")
     for column in ("STEP", "AT", "WORKER RSS", "HOST AVAILABLE", "GPU USED", "GPU FREE", "LOADED"):
         table.add_column(column, justify="left" if column in ("STEP", "LOADED") else "right")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import uuid
-from typing import Iterator, TextIO
+from typing import Callable, Iterator, TextIO
 
 from rich.console import Console
 
@@ -17,12 +17,12 @@ from model_swap.commands.client import StoreClient, StoreError, data_events
 HELP = "/switch MODEL  continue this conversation on another model\n/exit          leave (so does Ctrl-D)"
 
 
-def _lines(stdin: TextIO, prompt: str) -> Iterator[str]:
+def _lines(stdin: TextIO, prompt: Callable[[], str]) -> Iterator[str]:
     """The user's lines: with a prompt and line editing at a terminal, plain lines from a pipe."""
     if stdin.isatty():
         while True:
             try:
-                yield input(prompt)
+                yield input(prompt())
             except EOFError:
                 return
     else:
@@ -43,7 +43,7 @@ class Chat:
 
     def run(self, stdin: TextIO = sys.stdin) -> int:
         self.err.print(f"[dim]session {self.session} with {self.model}; /switch MODEL, /exit[/dim]")
-        for line in _lines(stdin, f"{self.model}> "):
+        for line in _lines(stdin, lambda: f"{self.model}> "):
             text = line.strip()
             if not text:
                 continue
@@ -68,13 +68,14 @@ class Chat:
         body: dict = {"model": self.model, "messages": [{"role": "user", "content": message}], "stream": True}
         if self.max_tokens is not None:
             body["max_tokens"] = self.max_tokens
-        wrote = False
+        wrote, said = False, ""
         try:
             frames = self.client.sse("/v1/chat/completions", body, headers={"X-Session-Id": self.session})
             for kind, data in data_events(frames):
                 if kind == "comment":
-                    if data and not data.startswith("x-cache-action"):
-                        self.err.print(f"[dim]{data}[/dim]")  # transferring X... 45%
+                    if data and data != said and not data.startswith("x-cache-action"):
+                        self.err.print(f"[dim]{data}[/dim]", highlight=False)  # transferring X... 45%
+                        said = data  # the store repeats it every half second while the request waits
                 elif data == "[DONE]":
                     break
                 elif isinstance(data, dict) and "error" in data:
@@ -83,6 +84,7 @@ class Chat:
                 elif isinstance(data, dict):
                     for choice in data.get("choices", []):
                         piece = (choice.get("delta") or {}).get("content")
+                        piece = piece if wrote or not piece else piece.lstrip()  # no blank before the answer
                         if piece:
                             self.out.file.write(piece)
                             self.out.file.flush()

@@ -131,3 +131,19 @@ def test_switch_and_load_need_the_token_and_a_known_model(tmp_path):
     assert r.status_code == 404 and r.json["error"]["code"] == "model_not_found"
     assert switch(client, "../x.gguf", **auth).json["error"]["code"] == "invalid_model_name"
     assert client.post("/admin/switch", json={}, headers=auth).status_code == 400
+
+
+def test_exclusive_switch_unloads_every_other_unpinned_model_even_when_all_fit(tmp_path):
+    app, fake = fake_store(tmp_path, FakeWorker(max_loaded=3), max_cache_size=3, switch_settle_s=0.0,
+                           pinned_models=("c.gguf",))
+    client = app.test_client()
+    wait_for(lambda: "c.gguf" in fake.loaded)  # the pinned model is preloaded
+    client.post("/admin/load", json={"model": "a.gguf"})
+    body = switch(client, "b.gguf").json  # all three fit: a plain switch unloads nothing
+    assert body["unloaded"] == [] and sorted(body["loaded"]) == ["a.gguf", "b.gguf", "c.gguf"]
+    assert body["settle_s"] == 0.0  # nothing unloaded: no settle wait
+    r = client.post("/admin/switch", json={"model": "b.gguf", "exclusive": True})
+    assert r.json["unloaded"] == ["a.gguf"] and sorted(r.json["loaded"]) == ["b.gguf", "c.gguf"]
+    assert r.json["action"] == "already_loaded" and r.json["snapshots"]["after_unload"]["loaded"] == ["c.gguf", "b.gguf"]
+    bad = client.post("/admin/switch", json={"model": "b.gguf", "exclusive": "yes"})
+    assert bad.status_code == 400 and bad.json["error"]["param"] == "exclusive"

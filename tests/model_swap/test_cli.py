@@ -183,12 +183,14 @@ def test_chat_reports_a_failed_turn_and_goes_on(stack):
     assert len(done.stdout.splitlines()) == 1  # the second turn, on a.gguf, was answered
 
 
-def test_events_follows_a_transfer_and_a_load(stack):
+@pytest.mark.parametrize("terminal", [False, True])
+def test_events_follows_a_transfer_and_a_load(stack, terminal):
     _, store = stack
     requests.post(store.url + "/admin/reset", headers=AUTH, timeout=30).raise_for_status()
+    env = {"PATH": "/usr/bin:/bin", "MODEL_SWAP_URL": store.url, "STORE_API_KEY": KEY, "COLUMNS": "120",
+           **({"FORCE_COLOR": "1"} if terminal else {})}  # FORCE_COLOR: rich draws as on a terminal
     proc = subprocess.Popen([sys.executable, "-m", "model_swap", "events", "--until", "loaded"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            env={"PATH": "/usr/bin:/bin", "MODEL_SWAP_URL": store.url, "STORE_API_KEY": KEY})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
     try:
         assert "following" in proc.stderr.readline()  # subscribed: nothing from here on is missed
         r = requests.post(store.url + "/admin/load", json={"model": "c.gguf"}, headers=AUTH, timeout=60)
@@ -197,9 +199,11 @@ def test_events_follows_a_transfer_and_a_load(stack):
     finally:
         proc.kill()
     assert proc.returncode == 0
-    kinds = [line.split()[1:3] for line in out.splitlines()]
-    assert kinds == [["transfer_started", "c.gguf"], ["transfer_done", "c.gguf"], ["load_started", "c.gguf"],
-                     ["loaded", "c.gguf"]]
+    plain = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]|\r", "\n", out)  # a terminal's colours and redraws, as line breaks
+    kinds = [m.groups() for m in re.finditer(r"^\d\d:\d\d:\d\d (\w+) (\S+)", plain, re.M)]
+    assert kinds == [("transfer_started", "c.gguf"), ("transfer_done", "c.gguf"), ("load_started", "c.gguf"),
+                     ("loaded", "c.gguf")]
+    assert ("sending c.gguf" in plain) is terminal  # the progress bar, only where it can be redrawn
 
 
 def _start_serve(args: list[str], tmp_path: Path) -> subprocess.Popen:
