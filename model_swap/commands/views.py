@@ -65,14 +65,15 @@ def show_ps(client: StoreClient, out: Console) -> dict:
                  f"{len(worker.get('loaded', []))} of {memory.get('max_loaded_models', '?')} models")
         if reports.get(name, {}).get("reachable") is False:
             title += " (not answering now)"
-        table = Table(title=title, title_justify="left")
+        out.print(f"[bold]{title}[/bold]", highlight=False, soft_wrap=True)  # a table title wraps at its width
+        table = Table()
         for column in ("MODEL", "MEMORY", "STREAMS", "WAITING", "KEEP-ALIVE LEFT"):
             table.add_column(column, justify="left" if column == "MODEL" else "right")
         for model in worker.get("loaded", []):
             m = model["name"]
             table.add_row(m, size(model.get("memory_bytes")), str(uses.get(m, 0)), str(waiting.get(m, 0)),
                           keep_alive_left(model, uses.get(m, 0)))
-        out.print(table if worker.get("loaded") else f"[bold]{title}[/bold]\n  no model in memory")
+        out.print(table if worker.get("loaded") else "  no model in memory")
         cached = worker.get("cached", [])
         out.print("  disk cache: " + (", ".join(f"{c} ({size(sizes.get(c))})" for c in cached) or "empty"))
         for op in worker.get("in_flight", []):
