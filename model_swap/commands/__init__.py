@@ -22,23 +22,22 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 1, 2, 3, 130
 
 
-def _connection_options(env: Mapping[str, str], suppress: bool) -> argparse.ArgumentParser:
-    """--url, --api-key and --json, accepted before and after the command (after wins)."""
+def _after_the_command() -> argparse.ArgumentParser:
+    """--url, --api-key and --json again after the command; one left out keeps its value from before it."""
     p = argparse.ArgumentParser(add_help=False)
-    add_setting(p, env, "--url", "MODEL_SWAP_URL", DEFAULT_URL, "the store's address")
-    add_setting(p, env, "--api-key", "STORE_API_KEY", None, "the store's key, if it has one", secret=True)
-    p.add_argument("--json", action="store_true", help="print the store's JSON answer instead of tables")
-    if suppress:  # after the command, a flag left out must not reset what was given before it
-        for action in p._actions:
-            action.default = argparse.SUPPRESS
+    p.add_argument("--url", default=argparse.SUPPRESS, metavar="MODEL_SWAP_URL", help="the store's address")
+    p.add_argument("--api-key", default=argparse.SUPPRESS, metavar="STORE_API_KEY", help="the store's key")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="print the store's JSON answer instead of tables")
     return p
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     parser = settings_parser("model-swap", "Serve, inspect and switch the models of a model-swap store, and chat.")
-    for action in _connection_options(env, suppress=False)._actions:
-        parser._add_action(action)
-    common = _connection_options(env, suppress=True)
+    add_setting(parser, env, "--url", "MODEL_SWAP_URL", DEFAULT_URL, "the store's address")
+    add_setting(parser, env, "--api-key", "STORE_API_KEY", None, "the store's key, if it has one", secret=True)
+    parser.add_argument("--json", action="store_true", help="print the store's JSON answer instead of tables")
+    common = _after_the_command()
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, description: str) -> argparse.ArgumentParser:

@@ -81,3 +81,16 @@ def test_keep_alive_left(model, uses, shown):
 
 def test_duration():
     assert [duration(s) for s in (0, 12.4, 60, 3599, 3600)] == ["0s", "12s", "1m 0s", "59m 59s", "1h 0m"]
+
+
+@pytest.mark.parametrize("argv,url,as_json", [
+    (["ps"], "http://env:1", False),
+    (["--url", "http://before:1", "ps"], "http://before:1", False),
+    (["ps", "--url", "http://after:1", "--json"], "http://after:1", True),
+    (["--url", "http://before:1", "--json", "ps"], "http://before:1", True),  # left out after: kept
+])
+def test_connection_flags_go_before_or_after_the_command(argv, url, as_json):
+    from model_swap.commands import build_parser
+
+    args = build_parser({"MODEL_SWAP_URL": "http://env:1", "STORE_API_KEY": "k"}).parse_args(argv)
+    assert (args.url, args.api_key, args.json) == (url, "k", as_json)
