@@ -198,6 +198,10 @@ def test_events_follows_a_transfer_and_a_load(stack, terminal):
         out, _ = proc.communicate(timeout=30)
     finally:
         proc.kill()
+        # The store notices a gone subscriber only when a write to it fails, and the first write after
+        # the close still succeeds: two events now (unloaded, evicted) end that stream, else it
+        # lingers until its heartbeats and holds up the store's shutdown by 10 s.
+        requests.post(store.url + "/admin/evict", json={"model": "c.gguf"}, headers=AUTH, timeout=60)
     assert proc.returncode == 0
     plain = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]|\r", "\n", out)  # a terminal's colours and redraws, as line breaks
     kinds = [m.groups() for m in re.finditer(r"^\d\d:\d\d:\d\d (\w+) (\S+)", plain, re.M)]
