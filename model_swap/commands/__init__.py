@@ -56,8 +56,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     sub.choices["switch"].add_argument("--exclusive", action="store_true",
                                        help="unload every other (unpinned) model too, even if they all fit")
     c = command("chat", "chat with MODEL, streaming; /switch OTHER continues the conversation on another model")
-    c.add_argument("model", metavar="MODEL")
+    c.add_argument("model", metavar="MODEL", nargs="?",
+                   help="the model to start with (default: the preset's, else the session's last)")
     c.add_argument("--session", help="continue this session id (default: a new one)")
+    c.add_argument("--preset", help="a preset from the store's models config (system prompt, model, sampling)")
     c.add_argument("--max-tokens", type=int, help="longest answer in tokens (default: the store's)")
     e = command("events", "follow what the store does (transfers with a progress bar, loads, unloads)")
     e.add_argument("--until", metavar="KIND", help="stop after the first event of this kind (e.g. loaded)")
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace, out: Console, err: Console) -> int:
     elif args.command == "switch":
         answer = admin.switch(client, quiet, args.model, args.exclusive)
     elif args.command == "chat":
-        return chat.Chat(client, out, err, args.model, args.session, args.max_tokens).run()
+        return chat.Chat(client, out, err, args.model, args.session, args.max_tokens, args.preset).run()
     else:
         return events.follow(client, out, err, args.until, as_json=args.json)
     if args.json:

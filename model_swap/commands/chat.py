@@ -1,7 +1,8 @@
 """`model-swap chat MODEL`: a streaming chat over /v1/chat/completions, in one session.
 
 Each request carries the session id (`X-Session-Id`) and only the new user message: the store
-keeps the conversation, so `/switch OTHER` continues the same one on another model.
+keeps the conversation, so `/switch OTHER` continues the same one on another model. Without a
+model, the request names none and the store picks (the preset's model, else the session's last).
 """
 
 from __future__ import annotations
@@ -33,17 +34,19 @@ def _lines(stdin: TextIO, prompt: Callable[[], str]) -> Iterator[str]:
 class Chat:
     """One conversation: a session id, the model the next message goes to, and the turns' failures."""
 
-    def __init__(self, client: StoreClient, out: Console, err: Console, model: str, session: str | None,
-                 max_tokens: int | None):
+    def __init__(self, client: StoreClient, out: Console, err: Console, model: str | None, session: str | None,
+                 max_tokens: int | None, preset: str | None = None):
         self.client, self.out, self.err = client, out, err
         self.model = model
+        self.preset = preset
         self.session = session or uuid.uuid4().hex
         self.max_tokens = max_tokens
         self.failed = 0
 
     def run(self, stdin: TextIO = sys.stdin) -> int:
-        self.err.print(f"[dim]session {self.session} with {self.model}; /switch MODEL, /exit[/dim]")
-        for line in _lines(stdin, lambda: f"{self.model}> "):
+        with_what = " ".join(filter(None, [self.model, self.preset and f"(preset {self.preset})"])) or "its model"
+        self.err.print(f"[dim]session {self.session} with {with_what}; /switch MODEL, /exit[/dim]", highlight=False)
+        for line in _lines(stdin, lambda: f"{self.model or 'chat'}> "):
             text = line.strip()
             if not text:
                 continue
@@ -65,9 +68,10 @@ class Chat:
 
     def turn(self, message: str) -> None:
         """Send one user message and stream the answer to stdout."""
-        body: dict = {"model": self.model, "messages": [{"role": "user", "content": message}], "stream": True}
-        if self.max_tokens is not None:
-            body["max_tokens"] = self.max_tokens
+        body: dict = {"messages": [{"role": "user", "content": message}], "stream": True}
+        for key, value in (("model", self.model), ("preset", self.preset), ("max_tokens", self.max_tokens)):
+            if value is not None:
+                body[key] = value  # the session keeps the preset; naming it again each time changes nothing
         wrote, said = False, ""
         try:
             frames = self.client.sse("/v1/chat/completions", body, headers={"X-Session-Id": self.session})

@@ -62,7 +62,9 @@ def serve(args: argparse.Namespace, out: Console, err: Console) -> int:
     worker = ServiceProcess("inference_worker", ["--cache-dir", str(cache_dir)], run_dir / "worker.log", worker_port)
     store_args = ["--models-dir", str(models_dir), "--worker-url", worker.url,
                   *(["--models-config", config] if config else [])]
-    store = ServiceProcess("model_store_server", store_args, run_dir / "store.log", store_port)
+    # RUN_DIR: a store with chat sessions keeps its sessions.db there, as under serve.sh.
+    store = ServiceProcess("model_store_server", store_args, run_dir / "store.log", store_port,
+                           env={"RUN_DIR": str(run_dir)})
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

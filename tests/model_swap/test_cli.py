@@ -174,6 +174,19 @@ def test_chat_sends_the_session_and_only_the_new_message_and_switches_model(stac
     assert "switched to b.gguf" in done.stderr
 
 
+def test_chat_with_a_preset_and_no_model_leaves_the_model_to_the_store(stack):
+    _, store = stack
+    with RecordingProxy(store.url) as proxy:
+        subprocess.run([sys.executable, "-m", "model_swap", "chat", "--preset", "brief", "--session", "s-1"],
+                       input="hi\nagain\n", capture_output=True, text=True, timeout=120, cwd=REPO,
+                       env={"PATH": "/usr/bin:/bin", "MODEL_SWAP_URL": proxy.url, "STORE_API_KEY": KEY})
+    # What the store answers depends on its presets (this stack has none); what matters here is what was sent.
+    sent = proxy.posts("/v1/chat/completions")
+    assert [(h["X-Session-Id"], b.get("preset"), "model" in b, b["messages"]) for h, b in sent] == [
+        ("s-1", "brief", False, [{"role": "user", "content": "hi"}]),
+        ("s-1", "brief", False, [{"role": "user", "content": "again"}])]
+
+
 def test_chat_reports_a_failed_turn_and_goes_on(stack):
     _, store = stack
     done = subprocess.run([sys.executable, "-m", "model_swap", "chat", "nope", "--max-tokens", "4"],
