@@ -9,6 +9,7 @@ import time
 
 from model_store_server.outcome import Outcome
 from model_store_server.switch import SNAPSHOTS
+from model_swap.web import parse_generation
 from tests.support.fake_worker import FAKE_BASE_RSS, FakeWorker, worker_error
 from tests.support.store_harness import core_of, fake_store
 
@@ -66,7 +67,7 @@ def test_switch_waits_for_a_running_generation_to_complete(tmp_path):
     client.post("/admin/load", json={"model": "a.gguf"})
     fake.hold("a.gguf")
     lease = core_of(app).lease("a.gguf", None, Outcome())
-    stream = fake.infer("a.gguf", None)
+    stream = fake.infer("a.gguf", parse_generation({"prompt": "hi"}))
     pieces = fake.iter_text(stream)
     assert next(pieces) == b"[a.gguf]"  # the generation is under way and held after its first piece
 
