@@ -44,7 +44,8 @@ class Chat:
         self.failed = 0
 
     def run(self, stdin: TextIO = sys.stdin) -> int:
-        with_what = " ".join(filter(None, [self.model, self.preset and f"(preset {self.preset})"])) or "its model"
+        preset = f"preset {self.preset}" if self.preset else ""
+        with_what = f"{self.model} ({preset})" if self.model and preset else self.model or preset or "its model"
         self.err.print(f"[dim]session {self.session} with {with_what}; /switch MODEL, /exit[/dim]", highlight=False)
         for line in _lines(stdin, lambda: f"{self.model or 'chat'}> "):
             text = line.strip()
