@@ -86,6 +86,8 @@ class _Switch:
                     except ApiError:
                         ex.gates.reopen(others[i + 1:])  # not unloaded: they serve again
                         raise
+                if others:
+                    self.settle()  # read now, before any transfer; the load then needs no more room
             ex.bring(self.model, self.report.outcome, deadline, ex.settings.keep_alive_s, use=False,
                      before_load=self.settle)
             if "after_settle" not in self.report.snapshots:  # already resident: no load to settle before

@@ -148,3 +148,12 @@ def test_exclusive_switch_unloads_every_other_unpinned_model_even_when_all_fit(t
     assert r.json["action"] == "already_loaded" and r.json["snapshots"]["after_unload"]["loaded"] == ["c.gguf", "b.gguf"]
     bad = client.post("/admin/switch", json={"model": "b.gguf", "exclusive": "yes"})
     assert bad.status_code == 400 and bad.json["error"]["param"] == "exclusive"
+
+
+def test_exclusive_switch_reads_memory_right_after_its_unloads_before_the_transfer(tmp_path):
+    app, fake = fake_store(tmp_path, FakeWorker(max_loaded=3), max_cache_size=3, switch_settle_s=0.0)
+    client = app.test_client()
+    client.post("/admin/load", json={"model": "a.gguf"})
+    body = client.post("/admin/switch", json={"model": "b.gguf", "exclusive": True}).json
+    assert body["action"] == "load_from_store" and body["unloaded"] == ["a.gguf"]
+    assert fake.changes()[2:] == ["memory", "unload a.gguf", "memory", "memory", "push b.gguf", "load b.gguf", "memory"]
