@@ -129,6 +129,11 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None  # cgroup v2 writes "max" for no limit
 
 
+def host_available_bytes(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """The host's MemAvailable: what the kernel could give a new allocation without swapping."""
+    return _meminfo_available(meminfo)
+
+
 def _cgroup_available(root: Path) -> int | None:
     """The cgroup's limit less its usage (v2, else v1); None without a limit."""
     for limit_file, usage_file in (("memory.max", "memory.current"),
@@ -157,6 +162,30 @@ def _gpu_free_bytes() -> tuple[int, int] | None:
     except pynvml.NVMLError as err:
         log.warning("NVML could not read GPU memory (%s): budgeting host memory instead", err)
         return None
+
+
+def gpu_memory_usage() -> list[dict] | None:
+    """Used, free and total bytes of each GPU through NVML; None without nvidia-ml-py or a device."""
+    try:
+        import pynvml  # optional: the gpu extra
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None  # no driver or no device: nothing to report, and nothing is made up
+    try:
+        devices = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+            devices.append({"index": index, "used_bytes": int(info.used), "free_bytes": int(info.free),
+                            "total_bytes": int(info.total)})
+        return devices or None
+    except pynvml.NVMLError as err:
+        log.warning("NVML could not read GPU memory: %s", err)
+        return None
+    finally:
+        pynvml.nvmlShutdown()
 
 
 def _gpu_build() -> bool:

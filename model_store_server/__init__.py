@@ -33,13 +33,15 @@ def create_app(config: StoreConfig, worker=None, transport: Transport | None = N
     install_token_check(app, config.api_key, open_endpoints={"admin.health"})
     install_request_lines(app)
 
-    from model_store_server import routes_admin, routes_ollama, routes_openai, routes_user, session_routes
+    from model_store_server import (routes_admin, routes_ollama, routes_openai, routes_switch, routes_user,
+                                    session_routes)
 
     app.register_blueprint(routes_user.bp)
     app.register_blueprint(routes_openai.bp)
     app.register_blueprint(routes_ollama.bp)
     app.register_blueprint(routes_admin.bp)
     app.register_blueprint(session_routes.bp)
+    app.register_blueprint(routes_switch.bp)
     reconciled = "not yet"
     if config.reconcile_on_start:
         try:

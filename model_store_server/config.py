@@ -52,6 +52,7 @@ class StoreConfig:
     preload_models: tuple[str, ...] = ()
     max_queue: int = 64  # requests waiting per model before 429 queue_full
     queue_timeout_s: float = 300.0  # longest wait before 503 queue_timeout
+    switch_settle_s: float = 0.5  # /admin/switch: wait after unloading for memory to be returned
     models_config: ModelsConfig = ModelsConfig()
     # Chat sessions (docs/architecture.md, "Sessions"); None keeps them in memory only (tests).
     sessions_db: Path | None = None
@@ -112,6 +113,8 @@ class StoreConfig:
                                   f"{spec.max_cache_size} (worker {spec.name}) for other models")
         if self.session_ttl_s <= 0:
             raise ConfigError(f"SESSION_TTL_S must be positive, got {self.session_ttl_s}")
+        if self.switch_settle_s < 0:
+            raise ConfigError(f"SWITCH_SETTLE_S must not be negative, got {self.switch_settle_s}")
         if self.request_timeout_s <= 0:
             raise ConfigError(f"REQUEST_TIMEOUT_S must be positive, got {self.request_timeout_s}")
         if self.host not in LOOPBACK_HOSTS and not self.api_key and not self.allow_insecure:
@@ -187,6 +190,8 @@ def store_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                 "most prompt tokens a session request sends (default: what fits the model's context)")
     add_setting(p, env, "--session-ttl-s", "SESSION_TTL_S", d.session_ttl_s,
                 "seconds an idle session is kept")
+    add_setting(p, env, "--switch-settle-s", "SWITCH_SETTLE_S", d.switch_settle_s,
+                "seconds /admin/switch waits after unloading, for memory to be returned, before it loads")
     return p
 
 
@@ -219,6 +224,7 @@ def load_store_config(argv: Sequence[str] | None = None, env: Mapping[str, str] 
         preload_models=_name_list(a.preload_models),
         max_queue=parse_number(a.max_queue, "MAX_QUEUE"),
         queue_timeout_s=parse_number(a.queue_timeout_s, "QUEUE_TIMEOUT_S", float),
+        switch_settle_s=parse_number(a.switch_settle_s, "SWITCH_SETTLE_S", float),
         models_config=load_models_config(a.models_config),
         sessions_db=Path(a.sessions_db) if a.sessions_db else Path(env.get("RUN_DIR") or "./run") / "sessions.db",
         session_bounds=SessionBounds(parse_number(a.session_max_messages, "SESSION_MAX_MESSAGES"),

@@ -27,6 +27,7 @@ from model_store_server.outcome import Outcome
 from model_store_server.placement import Placement, WorkerFacts, place
 from model_store_server.planner import Want
 from model_store_server.policy import build_policy
+from model_store_server.switch import SwitchReport, Switcher
 from model_store_server.transport import Transport, build_transport
 from model_store_server.upkeep import Janitor, Upkeep
 from model_store_server.worker_client import LoadedModel, WorkerClient, WorkerUnavailable
@@ -79,6 +80,7 @@ class StoreCore:
         self.prober = Prober(slots, self._came_back)
         for slot in slots:
             slot.executor.on_idle = self.janitor.ring
+        self.switcher = Switcher(config.switch_settle_s)
 
     @property
     def policy_name(self) -> str:
@@ -193,6 +195,15 @@ class StoreCore:
         outcome = slot.upkeep.bring(self.catalog.get(name), load=False)
         outcome.worker = slot.name
         return outcome
+
+    def load(self, name: str) -> Outcome:
+        """Transfer if needed and load `name`, making room as a request would (no use is held)."""
+        return self.slot_for(name).upkeep.bring(self.catalog.get(name), load=True)
+
+    def switch(self, name: str, exclusive: bool = False) -> SwitchReport:
+        """Make `name` resident now, with the worker's memory read around the unloads and the load."""
+        model = self.catalog.get(name)
+        return self.switcher.switch(self.slot_for(name).upkeep, model, exclusive)
 
     def preload(self, names: tuple[str, ...]) -> None:
         """Transfer and load each model (PRELOAD_MODELS, PINNED_MODELS); failures are logged."""

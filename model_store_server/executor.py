@@ -137,8 +137,10 @@ class Executor:
     # ---- one change, holding the lane ------------------------------------------------------
 
     def bring(self, model: StoredModel, outcome: Outcome, deadline: float, keep_alive_s: float, use: bool,
-               load: bool = True) -> str:
-        """Make `model` resident (or, with load=False, cached); return the action it took."""
+               load: bool = True, before_load: Callable[[], None] | None = None) -> str:
+        """Make `model` resident (or, with load=False, cached); return the action it took.
+
+        `before_load` runs after the unloads that make room and right before each load attempt."""
         want = Want(model.name, model.size, model.sha256)
         self.refresh()
         for _ in range(3):
@@ -161,7 +163,7 @@ class Executor:
                 if not plan.disk.on_disk:
                     self._transfer(model, outcome)
                 if load:
-                    self._make_room_and_load(want, model, deadline, keep_alive_s, outcome)
+                    self._make_room_and_load(want, model, deadline, keep_alive_s, outcome, before_load)
             except _Vanished:
                 continue
             finally:
@@ -174,11 +176,13 @@ class Executor:
         raise ApiError(502, "worker_error", f"the worker kept losing {model.name}; giving up")
 
     def _make_room_and_load(self, want: Want, model: StoredModel, deadline: float, keep_alive_s: float,
-                            outcome: Outcome) -> None:
+                            outcome: Outcome, before_load: Callable[[], None] | None = None) -> None:
         for _ in range(LOAD_ATTEMPTS):
             plan = self._settle(want, deadline, disk=False)
             for name in plan.memory.unload + plan.memory.wait_for:
                 self.unload(name, outcome, "lru")
+            if before_load is not None:
+                before_load()
             try:
                 self._load(model, keep_alive_s)
                 return

@@ -78,7 +78,7 @@ class Upkeep:
         with self.gates.lane(deadline, name):
             self.executor.refresh()
             if self.belief.is_resident(name):
-                self._drain([name], deadline)
+                self.drain([name], deadline)
                 self.executor.unload(name, outcome, "admin")
             if evict and name in self.belief.cached():
                 self.executor.delete(name, outcome, "admin")
@@ -91,7 +91,7 @@ class Upkeep:
         deadline = self._deadline()
         with self.gates.lane(deadline, "reset"):
             resident = self.belief.resident()
-            self._drain(resident, deadline)
+            self.drain(resident, deadline)
             try:
                 self.executor.worker.unload()
                 state = self.executor.worker.state()
@@ -122,7 +122,7 @@ class Upkeep:
         with self.gates.lane(self._deadline(), "reconcile"):
             return self.executor.refresh() or ([], [])
 
-    def _drain(self, names: list[str], deadline: float) -> None:
+    def drain(self, names: list[str], deadline: float) -> None:
         """Close `names` at once and wait until their streams end (the admin asked for it)."""
         closed = self.gates.close(names)
         while not self.gates.try_close(names):

@@ -120,6 +120,10 @@ class WorkerClient:
     def state(self) -> WorkerState:
         return WorkerState.from_listing(self._call("GET", "/models").json())
 
+    def memory(self) -> dict:
+        """The worker's memory now (GET /memory): its RSS, the host's available memory, GPU usage or null."""
+        return self._call("GET", "/memory").json()
+
     def load_local(self, name: str) -> dict:
         settings = self._settings_for(name).to_json()
         return self._call("POST", "/load_model_from_local_store", headers={"X-Model-Name": name},

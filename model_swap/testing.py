@@ -1,4 +1,4 @@
-"""Run the real services as child processes on loopback ports (tests, smoke runs, benchmarks)."""
+"""Run the real services as child processes on loopback ports (model-swap serve, tests, smoke runs, benchmarks)."""
 
 from __future__ import annotations
 

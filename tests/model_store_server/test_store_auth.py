@@ -35,7 +35,9 @@ def test_store_api_key_guards_every_endpoint_but_health(services, models_dir):
                                ("post", "/user_request", {**PROMPT, "model": "a.gguf"}),
                                ("post", "/v1/completions", {**PROMPT, "model": "a.gguf"}),
                                ("post", "/admin/reset", None), ("post", "/admin/prefetch", {"model": "a.gguf"}),
-                               ("get", "/sessions/s1", None), ("delete", "/sessions/s1", None)]:
+                               ("get", "/sessions/s1", None), ("delete", "/sessions/s1", None),
+                               ("post", "/admin/load", {"model": "a.gguf"}),
+                               ("post", "/admin/switch", {"model": "a.gguf"})]:
         for headers in ({}, {"Authorization": "Bearer wrong"}):
             r = requests.request(method, store.url + path, json=body, headers=headers, timeout=30)
             assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized", (path, headers)

@@ -22,6 +22,8 @@ import requests
 from model_store_server.worker_client import LoadedModel, WorkerState, WorkerUnavailable
 from model_swap.errors import ApiError
 
+FAKE_BASE_RSS = 50 << 20  # what the fake says its process takes with nothing loaded
+
 
 def worker_error(status: int, code: str, message: str = "", details: dict | None = None) -> ApiError:
     """What WorkerClient raises for a worker error answer (with the worker's figures as details)."""
@@ -142,6 +144,15 @@ class FakeWorker:
                 return WorkerState((LoadedModel(name),) if name else (), cached)
             loaded = tuple(LoadedModel(n, m.memory_bytes, m.memory_bytes, m.active, 0) for n, m in self.loaded.items())
             return WorkerState(loaded, cached, self.budget_bytes, self._used(), self.max_loaded, self.boot_id)
+
+    def memory(self) -> dict:
+        """GET /memory with made-up figures (a fake has no process to measure): RSS grows with what is loaded."""
+        with self._cond:
+            self._check("memory")
+            self.calls.append("memory")
+            return {"rss_bytes": FAKE_BASE_RSS + self._used(), "host_available_bytes": None, "gpu": None,
+                    "loaded": list(self.loaded), "used_bytes": self._used(), "budget_bytes": self.budget_bytes,
+                    "max_loaded_models": self.max_loaded}
 
     def push(self, name: str, path, size: int, sha256: str, progress=None) -> float:
         started = time.perf_counter()
