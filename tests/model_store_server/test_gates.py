@@ -8,15 +8,9 @@ import time
 import pytest
 
 from model_store_server.gates import LANE, USE, QueueFull, QueueTimeout, WorkerGates
+from tests.support.store_harness import wait_for
 
 FAR = time.monotonic() + 3600
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.001)
 
 
 def in_thread(fn, *args):

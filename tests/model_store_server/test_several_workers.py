@@ -15,23 +15,7 @@ from model_store_server.outcome import Outcome
 from model_store_server.worker_client import WorkerUnavailable
 from model_store_server.workers_config import WorkerSpec
 from tests.support.fake_worker import FakeWorker
-from tests.support.store_harness import core_of, fake_workers_store
-
-PROMPT = {"prompt": "hi", "max_tokens": 4}
-
-
-def ask(client, model, **extra):
-    r = client.post("/user_request", json={**PROMPT, "model": model, **extra})
-    r.get_data()
-    r.close()
-    return r
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
+from tests.support.store_harness import PROMPT, ask, core_of, fake_workers_store, wait_for
 
 
 def test_two_models_alternate_as_hits_each_on_its_own_worker(tmp_path, caplog):

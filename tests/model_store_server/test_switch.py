@@ -11,14 +11,7 @@ from model_store_server.outcome import Outcome
 from model_store_server.switch import SNAPSHOTS
 from model_swap.web import parse_generation
 from tests.support.fake_worker import FAKE_BASE_RSS, FakeWorker, worker_error
-from tests.support.store_harness import core_of, fake_store
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.002)
+from tests.support.store_harness import core_of, fake_store, wait_for
 
 
 def switch(client, model, **headers):

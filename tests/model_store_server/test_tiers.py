@@ -12,17 +12,7 @@ import pytest
 
 from model_store_server.outcome import Outcome
 from tests.support.fake_worker import FakeWorker, worker_error
-from tests.support.store_harness import core_of, fake_store, write_models
-
-PROMPT = {"prompt": "hi", "max_tokens": 4}
-
-
-def ask(client, model, **extra):
-    """One /user_request, read to the end and closed (as a real client does), so its lease ends."""
-    r = client.post("/user_request", json={**PROMPT, "model": model, **extra})
-    r.get_data()
-    r.close()
-    return r
+from tests.support.store_harness import PROMPT, ask, core_of, fake_store, wait_for, write_models
 
 
 def names(header: str | None) -> list[str]:
@@ -39,13 +29,6 @@ def lease_in_thread(core, model, results):
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.002)
 
 
 @pytest.fixture
@@ -316,7 +299,6 @@ def test_mixed_load_keeps_belief_and_worker_equal(tmp_path):
     assert sorted(m["name"] for m in view["loaded"]) == sorted(fake.loaded)
     pushes = actions.count("load_from_store")
     assert fake.receives == pushes, "one transfer per admission, never two for one miss"
-
 
 
 def test_a_restarted_store_adopts_the_workers_disk_and_memory(tmp_path):

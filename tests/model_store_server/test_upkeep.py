@@ -12,23 +12,7 @@ import pytest
 
 from model_store_server.outcome import Outcome
 from tests.support.fake_worker import FakeWorker
-from tests.support.store_harness import core_of, fake_store
-
-PROMPT = {"prompt": "hi", "max_tokens": 4}
-
-
-def ask(client, model, **extra):
-    r = client.post("/user_request", json={**PROMPT, "model": model, **extra})
-    r.get_data()
-    r.close()
-    return r
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.005)
+from tests.support.store_harness import PROMPT, ask, core_of, fake_store, wait_for
 
 
 def metric(client, prefix):

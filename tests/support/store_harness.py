@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -51,3 +52,23 @@ def fake_workers_store(tmp_path: Path, fakes: list[FakeWorker],
 
 def core_of(app):
     return app.extensions["store"]["core"]
+
+
+PROMPT = {"prompt": "hi", "max_tokens": 4}
+
+
+def ask(client, model, **extra):
+    """One /user_request through a Flask test client, read to the end and closed (as a real client does),
+    so its lease ends."""
+    r = client.post("/user_request", json={**PROMPT, "model": model, **extra})
+    r.get_data()
+    r.close()
+    return r
+
+
+def wait_for(predicate, timeout: float = 5.0, every: float = 0.002) -> None:
+    """Poll `predicate` until it holds; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(every)
