@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Callable
 
+from model_store_server.background import BellThread
 from model_swap.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -67,27 +68,15 @@ class WorkerHealth:
                     "next_probe_in_s": None if self._up else round(max(0.0, self._next_probe - self._clock()), 3)}
 
 
-class Prober:
+class Prober(BellThread):
     """One thread that probes the workers that are down, each when its backoff says."""
 
     def __init__(self, slots: list, on_back: Callable[[object, tuple[list[str], list[str]]], None],
                  clock: Callable[[], float] = time.monotonic):
+        super().__init__("prober")
         self._slots = slots
         self._on_back = on_back
         self._clock = clock
-        self._bell = threading.Event()
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="prober")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def ring(self) -> None:
-        self._bell.set()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._bell.set()
 
     def probe(self, slot) -> bool:
         """Read and reconcile one worker now; True if it answered."""
@@ -102,16 +91,14 @@ class Prober:
         return True
 
     def _run(self) -> None:
-        while not self._stopped.is_set():
+        while not self.stopped:
             dues = [(due, slot) for slot in self._slots if (due := slot.health.probe_due()) is not None]
             if not dues:
-                self._bell.wait(5.0)
-                self._bell.clear()
+                self._sleep(5.0)
                 continue
             due, slot = min(dues, key=lambda d: d[0])
             wait = due - self._clock()
             if wait > 0:
-                self._bell.wait(wait)
-                self._bell.clear()
+                self._sleep(wait)
                 continue
             self.probe(slot)

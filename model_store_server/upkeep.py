@@ -7,10 +7,10 @@ rules are the same as for a swap: a busy model is drained, never cut off.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Callable
 
+from model_store_server.background import BellThread
 from model_store_server.catalog import StoredModel
 from model_store_server.executor import Executor
 from model_store_server.gates import QueueTimeout
@@ -133,41 +133,28 @@ class Upkeep:
             self.gates.wait_for_change(deadline - now)
 
 
-class Janitor:
-    """One thread that wakes when a keep-alive or a ttl runs out and sweeps every worker."""
+class Janitor(BellThread):
+    """One thread that wakes when a keep-alive or a ttl runs out and sweeps every worker; ring() when
+    something became idle or changed."""
 
     def __init__(self, upkeeps: list[Upkeep], ttl_seconds: float | None,
                  clock: Callable[[], float] = time.monotonic, skip: Callable[[Upkeep], bool] = lambda u: False,
                  on_unavailable: Callable[[Upkeep, ApiError], None] = lambda u, err: None):
+        super().__init__("janitor")
         self._upkeeps = upkeeps
         self._skip = skip  # a worker that is down: the prober reads it, not the sweeps
         self._on_unavailable = on_unavailable
         # A ttl file is swept within a quarter of its ttl (cachetools does not say when the next expires).
         self._ttl_poll_s = None if not ttl_seconds else min(1.0, max(0.05, ttl_seconds / 4))
         self._clock = clock
-        self._bell = threading.Event()
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="janitor")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def ring(self) -> None:
-        """Something became idle (or changed): look again now."""
-        self._bell.set()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._bell.set()
 
     def _run(self) -> None:
-        while not self._stopped.is_set():
+        while not self.stopped:
             upkeeps = [u for u in self._upkeeps if not self._skip(u)]
             dues = [d for u in upkeeps if (d := u.next_due(self._ttl_poll_s)) is not None]
             timeout = IDLE_POLL_S if not dues else max(0.0, min(dues) - self._clock())
-            self._bell.wait(min(timeout, IDLE_POLL_S))
-            self._bell.clear()
-            if self._stopped.is_set():
+            self._sleep(min(timeout, IDLE_POLL_S))
+            if self.stopped:
                 return
             for upkeep in upkeeps:
                 try:
