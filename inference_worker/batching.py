@@ -196,7 +196,8 @@ class BatchedModel:
                 self._step()
         except Exception:
             log.exception("[batch] decode loop for %s failed", self.name)
-            self._fail_everything("the decode loop failed; see the worker log")
+            self._broken = "the decode loop failed; see the worker log"
+            self._fail_everything(self._broken)
         finally:
             self._free_context()
 
@@ -325,7 +326,6 @@ class BatchedModel:
 
     def _fail_everything(self, why: str) -> None:
         with self._cond:
-            self._broken = self._broken or why
             self._accepting = False
             for slot in [s for s in self._slots if s is not None]:
                 self._release(slot)
