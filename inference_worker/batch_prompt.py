@@ -20,8 +20,11 @@ from llama_cpp import Llama
 
 from model_swap.web import GenerationRequest
 
-# The host Llama's own context is never used to generate: keep it as small as llama.cpp allows.
+# The host Llama's own context is never used to generate: keep it as small as llama.cpp allows
+# (it rounds the cells up to 256; one-token batches keep the compute buffer to one row of logits).
+# That is about 6 MiB for each real model here, where n_batch=32 cost gemma 37 MiB.
 HOST_N_CTX = 32
+HOST_N_BATCH = 1
 UNSUPPORTED_SAMPLING = ("logits_processor", "grammar")  # what llama-cpp-python adds for logit_bias, response_format
 
 
@@ -98,7 +101,7 @@ class HostLlama(Llama):
 
     def __init__(self, path: Path, n_gpu_layers: int, repack_weights: bool = True):
         self._repack_weights = repack_weights
-        super().__init__(model_path=str(path), n_ctx=HOST_N_CTX, n_batch=HOST_N_CTX, n_gpu_layers=n_gpu_layers,
+        super().__init__(model_path=str(path), n_ctx=HOST_N_CTX, n_batch=HOST_N_BATCH, n_gpu_layers=n_gpu_layers,
                          n_threads=1, n_threads_batch=1, verbose=False)
         # create_completion compares the prompt with this Llama's own (tiny) context; prepare()
         # checks it against a slot's context instead.
