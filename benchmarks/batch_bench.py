@@ -1,21 +1,22 @@
 """Tokens/s of batched decoding against one stream, and time to first token joining a busy batch.
 
     python benchmarks/batch_bench.py [--model models/SmolLM2-135M-Instruct.Q4_1.gguf] [--streams 8]
-        [--tokens 64] [--threads N] [--repeat 3] [--batch-invariant] [--llama-server PATH]
+        [--tokens 64] [--threads N] [--repeat 5] [--batch-invariant] [--llama-server PATH]
 
-Measures in one run, medians over --repeat:
+Measures in one run, in rounds (every row once per round, so load from other processes falls
+on all rows alike), and prints each row's median and samples:
   high-level   llama-cpp-python's Llama.create_completion, one stream (today's engine path)
-  batched      BatchedModel with 1 slot and one stream, then with 1, 4 and 8 slots and --streams
-               concurrent streams: aggregate tokens/s = tokens generated / wall time
+  batched      BatchedModel: one stream on 1 and on 8 slots, and --streams concurrent streams on
+               1, 4 and 8 slots: aggregate tokens/s = tokens generated / wall time
   llama-server (with --llama-server or $LLAMA_SERVER) `-np 8` on the same model and threads,
                one stream and --streams concurrent ones over HTTP
-  ttft         first piece of a short prompt on an idle 8-slot model, and joining 7 busy streams
-Prints each row and the ratios. Timings vary with the machine and its load.
-"""
+  ttft         first piece of a short prompt on the idle 8-slot model, and joining 7 busy streams
+then the ratios. Timings vary with the machine and its load."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import statistics
@@ -42,12 +43,15 @@ PROMPTS = ["Once upon a time", "The history of Rome", "A recipe for bread:", "Th
 N_CTX = 512
 
 
-def median_of(repeat: int, measure: Callable[[], float]) -> float:
-    return statistics.median(measure() for _ in range(repeat))
+def wait_idle(bm: BatchedModel) -> None:
+    """Closed streams leave their slots at the loop's next step: start each measurement from idle."""
+    while bm.stats().active or bm.stats().queued:
+        time.sleep(0.001)
 
 
 def batched_rate(bm: BatchedModel, n_streams: int, tokens: int) -> float:
     """Aggregate tokens/s of n_streams submitted at once."""
+    wait_idle(bm)
     started = time.perf_counter()
     streams = [bm.submit(BatchRequest(prompt=PROMPTS[i % len(PROMPTS)], max_tokens=tokens, temperature=0))
                for i in range(n_streams)]
@@ -68,8 +72,14 @@ def first_piece_seconds(bm: BatchedModel, prompt: str) -> float:
     return seconds
 
 
+def ttft_idle(bm: BatchedModel) -> float:
+    wait_idle(bm)
+    return first_piece_seconds(bm, "Hello")
+
+
 def ttft_joining(bm: BatchedModel, busy: int) -> float:
     """TTFT of a short prompt while `busy` streams are generating."""
+    wait_idle(bm)
     streams = [bm.submit(BatchRequest(prompt=PROMPTS[i % len(PROMPTS)], max_tokens=400, temperature=0))
                for i in range(busy)]
     for s in streams:
@@ -81,49 +91,50 @@ def ttft_joining(bm: BatchedModel, busy: int) -> float:
             s.close()
 
 
-def high_level_rate(path: Path, tokens: int, threads: int) -> float:
-    from llama_cpp import Llama
+class HighLevel:
+    """llama-cpp-python's Llama.create_completion: today's engine path."""
 
-    llm = Llama(str(path), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
-    try:
+    def __init__(self, path: Path, threads: int):
+        from llama_cpp import Llama
+
+        self.llm = Llama(str(path), n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def rate(self, tokens: int) -> float:
         started = time.perf_counter()
-        out = llm.create_completion(PROMPTS[0], max_tokens=tokens, temperature=0)
+        out = self.llm.create_completion(PROMPTS[0], max_tokens=tokens, temperature=0)
         return out["usage"]["completion_tokens"] / (time.perf_counter() - started)
-    finally:
-        llm.close()
 
 
-def llama_server_rates(binary: str, path: Path, args) -> tuple[float, float]:
-    """(one stream, --streams streams) tokens/s from llama-server -np 8 on the same model and threads."""
-    port = free_port()
-    cmd = [binary, "-m", str(path), "-np", "8", "-c", str(8 * N_CTX), "-t", str(args.threads), "-tb",
-           str(args.threads), "--host", "127.0.0.1", "--port", str(port)]
-    with tempfile.TemporaryFile() as out:
-        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 60
-            while not _healthy(url):
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"llama-server did not start: {' '.join(cmd)}")
-                time.sleep(0.2)
+class LlamaServer:
+    """llama-server -np 8 on the same model and threads, asked over HTTP."""
 
-            def rate(n: int) -> float:
-                done: list[int] = []
-                started = time.perf_counter()
-                threads = [threading.Thread(target=lambda i=i: done.append(_server_completion(url, i, args.tokens)))
-                           for i in range(n)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-                return sum(done) / (time.perf_counter() - started)
+    def __init__(self, binary: str, path: Path, threads: int, out):
+        self.url = f"http://127.0.0.1:{free_port()}"
+        port = self.url.rsplit(":", 1)[1]
+        cmd = [binary, "-m", str(path), "-np", "8", "-c", str(8 * N_CTX), "-t", str(threads), "-tb", str(threads),
+               "--host", "127.0.0.1", "--port", port]
+        self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while not _healthy(self.url):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.close()
+                raise RuntimeError(f"llama-server did not start: {' '.join(cmd)}")
+            time.sleep(0.2)
 
-            rate(1)  # warm-up
-            return median_of(args.repeat, lambda: rate(1)), median_of(args.repeat, lambda: rate(args.streams))
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+    def rate(self, n_streams: int, tokens: int) -> float:
+        done: list[int] = []
+        started = time.perf_counter()
+        threads = [threading.Thread(target=lambda i=i: done.append(_server_completion(self.url, i, tokens)))
+                   for i in range(n_streams)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(done) / (time.perf_counter() - started)
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
 
 
 def _healthy(url: str) -> bool:
@@ -144,48 +155,56 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=usable_cores())
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--batch-invariant", action="store_true", help="load without CPU weight repacking")
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"),
                         help="a llama-server binary to compare with (default: $LLAMA_SERVER)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    log.info("model %s, %d tokens per stream, %d threads, medians of %d%s", args.model.name, args.tokens,
+    log.info("model %s, %d tokens per stream, %d threads, medians of %d rounds%s", args.model.name, args.tokens,
              args.threads, args.repeat, ", batch_invariant" if args.batch_invariant else "")
-
-    def open_model(n_parallel: int) -> BatchedModel:
-        return BatchedModel(args.model, n_ctx_per_slot=N_CTX, n_parallel=n_parallel, n_threads=args.threads,
-                            batch_invariant=args.batch_invariant)
-
-    rows: dict[str, float] = {}
-    high_level_rate(args.model, 8, args.threads)  # page the model in
-    rows["high-level Llama, 1 stream"] = median_of(args.repeat, lambda: high_level_rate(args.model, args.tokens,
-                                                                                        args.threads))
-    with open_model(1) as bm:
-        batched_rate(bm, 1, 8)
-        rows["batched 1 slot, 1 stream"] = median_of(args.repeat, lambda: batched_rate(bm, 1, args.tokens))
-    for slots in (1, 4, 8):
-        with open_model(slots) as bm:
-            batched_rate(bm, slots, 8)
-            rows[f"batched {slots} slots, {args.streams} streams"] = median_of(
-                args.repeat, lambda: batched_rate(bm, args.streams, args.tokens))
-    if args.llama_server:
-        one, many = llama_server_rates(args.llama_server, args.model, args)
-        rows["llama-server -np 8, 1 stream"], rows[f"llama-server -np 8, {args.streams} streams"] = one, many
-    for name, rate in rows.items():
-        log.info("  %-34s %7.1f tok/s", name, rate)
-    single = rows["batched 1 slot, 1 stream"]
-    many = rows[f"batched 8 slots, {args.streams} streams"]
-    log.info("ratio: %d streams on 8 slots / 1 stream: %.2fx (vs the high-level path's one stream: %.2fx)",
-             args.streams, many / single, many / rows["high-level Llama, 1 stream"])
-    if args.llama_server:
+    with contextlib.ExitStack() as stack:
+        high = HighLevel(args.model, args.threads)
+        stack.callback(high.llm.close)
+        slots = {n: stack.enter_context(BatchedModel(args.model, n_ctx_per_slot=N_CTX, n_parallel=n,
+                                                     n_threads=args.threads, batch_invariant=args.batch_invariant))
+                 for n in (1, 4, 8)}
+        server = None
+        if args.llama_server:
+            server = LlamaServer(args.llama_server, args.model, args.threads,
+                                 stack.enter_context(tempfile.TemporaryFile()))
+            stack.callback(server.close)
+        rows: dict[str, Callable[[], float]] = {
+            "high-level Llama, 1 stream": lambda: high.rate(args.tokens),
+            "batched 1 slot, 1 stream": lambda: batched_rate(slots[1], 1, args.tokens),
+            "batched 8 slots, 1 stream": lambda: batched_rate(slots[8], 1, args.tokens),
+            **{f"batched {n} slots, {args.streams} streams": (lambda n=n: batched_rate(slots[n], args.streams,
+                                                                                       args.tokens))
+               for n in (1, 4, 8)},
+        }
+        if server is not None:
+            rows["llama-server -np 8, 1 stream"] = lambda: server.rate(1, args.tokens)
+            rows[f"llama-server -np 8, {args.streams} streams"] = lambda: server.rate(args.streams, args.tokens)
+        rows["ttft idle (s)"] = lambda: ttft_idle(slots[8])
+        rows["ttft joining 7 busy streams (s)"] = lambda: ttft_joining(slots[8], 7)
+        for measure in rows.values():
+            measure()  # warm-up: page the model in, start threads
+        # Rounds, not one row after another: load from other processes then falls on every row alike.
+        samples: dict[str, list[float]] = {name: [] for name in rows}
+        for _ in range(args.repeat):
+            for name, measure in rows.items():
+                samples[name].append(measure())
+    result = {name: statistics.median(values) for name, values in samples.items()}
+    for name, value in result.items():
+        unit = "s" if name.startswith("ttft") else "tok/s"
+        log.info("  %-34s %8.3f %s  (%s)", name, value, unit, ", ".join(f"{v:.3g}" for v in samples[name]))
+    many = result[f"batched 8 slots, {args.streams} streams"]
+    log.info("ratio: %d streams on 8 slots / 1 stream on 1 slot: %.2fx; / the high-level path's 1 stream: %.2fx",
+             args.streams, many / result["batched 1 slot, 1 stream"], many / result["high-level Llama, 1 stream"])
+    if server is not None:
         log.info("ratio: batched 8 slots / llama-server -np 8, %d streams: %.2fx", args.streams,
-                 many / rows[f"llama-server -np 8, {args.streams} streams"])
-    with open_model(8) as bm:
-        first_piece_seconds(bm, "Hello")
-        idle = median_of(args.repeat, lambda: first_piece_seconds(bm, "Hello"))
-        joining = median_of(args.repeat, lambda: ttft_joining(bm, 7))
-    log.info("ttft: idle %.3f s, joining 7 busy streams %.3f s: %.2fx", idle, joining, joining / idle)
+                 many / result[f"llama-server -np 8, {args.streams} streams"])
+    log.info("ratio: ttft joining / idle: %.2fx", result["ttft joining 7 busy streams (s)"] / result["ttft idle (s)"])
 
 
 if __name__ == "__main__":

@@ -52,14 +52,17 @@ class BatchedModel:
     n_threads defaults to every usable core (llama-cpp-python's own default is half of them).
     prompt_chunk bounds the prompt tokens evaluated per step, so a long prompt delays the
     streams already generating by one chunk's time per step, not by the whole prompt's.
-    batch_invariant=True loads the weights without llama.cpp's CPU repacking: slower, but a
-    greedy stream's text then does not depend on the batch it shares (see docs/architecture.md).
+    flash_attn (llama-server's default too) is faster on this CPU by about a third; Llama()
+    opens its context without it, so flash_attn=False gives exactly today's engine numbers.
+    batch_invariant=True loads the weights without llama.cpp's CPU repacking and turns flash
+    attention off: slower, but a greedy stream's text then does not depend on the batch it
+    shares (see docs/architecture.md).
     on_step is called on the decode thread after each llama_decode (keep it cheap).
     """
 
     def __init__(self, path: Path, *, n_ctx_per_slot: int = 2048, n_parallel: int = 4, n_threads: int | None = None,
                  n_threads_batch: int | None = None, n_gpu_layers: int = -1,
-                 prompt_chunk: int = DEFAULT_PROMPT_CHUNK, batch_invariant: bool = False,
+                 prompt_chunk: int = DEFAULT_PROMPT_CHUNK, batch_invariant: bool = False, flash_attn: bool = True,
                  on_step: Callable[[StepInfo], None] | None = None, name: str | None = None):
         if n_parallel < 1 or n_ctx_per_slot < 16 or prompt_chunk < 1:
             raise ValueError("n_parallel and prompt_chunk must be positive and n_ctx_per_slot at least 16")
@@ -69,8 +72,11 @@ class BatchedModel:
         self._prompt_chunk = prompt_chunk
         self._on_step = on_step
         self._host = HostLlama(Path(path), n_gpu_layers, repack_weights=not batch_invariant)
+        # llama.cpp's CPU flash attention rounds differently for different batches too (gemma, here).
+        flash_attn = flash_attn and not batch_invariant
         try:
-            self._open_context(n_ctx_per_slot, n_threads or usable_cores(), n_threads_batch or n_threads or usable_cores())
+            self._open_context(n_ctx_per_slot, n_threads or usable_cores(), n_threads_batch or n_threads or usable_cores(),
+                               flash_attn)
         except BaseException:
             self._host.close()
             raise
@@ -94,15 +100,17 @@ class BatchedModel:
         log.info("[batch] loaded %s: %d slots x %d tokens, KV cache %.1f MiB, in %.1fms", self.name, n_parallel,
                  self.n_ctx_per_slot, self.kv_cache_bytes / (1 << 20), (time.perf_counter() - started) * 1000)
 
-    def _open_context(self, n_ctx_per_slot: int, n_threads: int, n_threads_batch: int) -> None:
+    def _open_context(self, n_ctx_per_slot: int, n_threads: int, n_threads_batch: int, flash_attn: bool) -> None:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_ctx_per_slot * self.n_parallel
         params.n_seq_max = self.n_parallel
         params.n_batch = self.n_parallel + self._prompt_chunk
         params.n_ubatch = min(params.n_batch, MAX_UBATCH)
         params.n_threads, params.n_threads_batch = n_threads, n_threads_batch
-        # As Llama(flash_attn=False) opens its context: the same arithmetic as the high-level path.
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # AUTO uses flash attention where the backend has it, as llama-server does by default;
+        # Llama() turns it off unless asked (flash_attn=True gives the high-level path's numbers).
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self._ctx = llama_cpp.llama_init_from_model(self._host.model, params)
         if not self._ctx:
             raise RuntimeError(f"llama.cpp could not create a context of {params.n_ctx} tokens")

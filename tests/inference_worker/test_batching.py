@@ -37,7 +37,7 @@ def tiny(make_model, tmp_path):
 def open_model(path, **kw) -> BatchedModel:
     kw.setdefault("n_ctx_per_slot", 256)
     kw.setdefault("n_parallel", 4)
-    return BatchedModel(path, n_threads=2, **kw)
+    return BatchedModel(path, n_threads=1, **kw)
 
 
 def reference_texts(path, prompts, max_tokens=24) -> dict[str, str]:
