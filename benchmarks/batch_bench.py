@@ -132,6 +132,35 @@ class LlamaServer:
             t.join()
         return sum(done) / (time.perf_counter() - started)
 
+    def ttft(self, busy: int) -> float:
+        """First streamed piece of a short prompt while `busy` long requests are generating."""
+        stop = threading.Event()
+        started_busy = [threading.Event() for _ in range(busy)]
+        threads = [threading.Thread(target=self._stream, args=(PROMPTS[i % len(PROMPTS)], 400, started_busy[i], stop))
+                   for i in range(busy)]
+        for t in threads:
+            t.start()
+        for e in started_busy:
+            e.wait()
+        at_once = threading.Event()
+        at_once.set()  # return at the first piece
+        started = time.perf_counter()
+        self._stream("Hello", 8, threading.Event(), at_once)
+        seconds = time.perf_counter() - started
+        stop.set()
+        for t in threads:
+            t.join()
+        return seconds
+
+    def _stream(self, prompt: str, tokens: int, first: threading.Event, stop: threading.Event) -> None:
+        body = {"prompt": prompt, "n_predict": tokens, "temperature": 0, "cache_prompt": False, "stream": True}
+        with requests.post(self.url + "/completion", json=body, stream=True, timeout=300) as r:
+            for line in r.iter_lines():
+                if line.startswith(b"data: ") and b'"content"' in line:
+                    first.set()
+                    if stop.is_set():
+                        return  # closing the connection cancels the request
+
     def close(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=30)
@@ -187,6 +216,9 @@ def main() -> None:
             rows[f"llama-server -np 8, {args.streams} streams"] = lambda: server.rate(args.streams, args.tokens)
         rows["ttft idle (s)"] = lambda: ttft_idle(slots[8])
         rows["ttft joining 7 busy streams (s)"] = lambda: ttft_joining(slots[8], 7)
+        if server is not None:
+            rows["llama-server ttft idle (s)"] = lambda: server.ttft(0)
+            rows["llama-server ttft joining 7 busy (s)"] = lambda: server.ttft(7)
         for measure in rows.values():
             measure()  # warm-up: page the model in, start threads
         # Rounds, not one row after another: load from other processes then falls on every row alike.
@@ -196,7 +228,7 @@ def main() -> None:
                 samples[name].append(measure())
     result = {name: statistics.median(values) for name, values in samples.items()}
     for name, value in result.items():
-        unit = "s" if name.startswith("ttft") else "tok/s"
+        unit = "s" if "ttft" in name else "tok/s"
         log.info("  %-34s %8.3f %s  (%s)", name, value, unit, ", ".join(f"{v:.3g}" for v in samples[name]))
     many = result[f"batched 8 slots, {args.streams} streams"]
     log.info("ratio: %d streams on 8 slots / 1 stream on 1 slot: %.2fx; / the high-level path's 1 stream: %.2fx",
@@ -205,6 +237,9 @@ def main() -> None:
         log.info("ratio: batched 8 slots / llama-server -np 8, %d streams: %.2fx", args.streams,
                  many / result[f"llama-server -np 8, {args.streams} streams"])
     log.info("ratio: ttft joining / idle: %.2fx", result["ttft joining 7 busy streams (s)"] / result["ttft idle (s)"])
+    if server is not None:
+        log.info("ratio: llama-server ttft joining / idle: %.2fx",
+                 result["llama-server ttft joining 7 busy (s)"] / result["llama-server ttft idle (s)"])
 
 
 if __name__ == "__main__":

@@ -69,7 +69,8 @@ class Gate:
 
     def __call__(self, info) -> None:
         self.steps += 1
-        self._open.wait()
+        if not self._open.wait(timeout=30):
+            self._open.set()  # a test that failed before opening must not hang close()
 
     def open(self) -> None:
         self._open.set()
@@ -110,6 +111,42 @@ def test_long_prompt_is_evaluated_in_chunks_beside_generating_streams(tiny):
     assert all(s.tokens <= 16 + 2 for s in steps), "no step takes more than one prompt chunk"
     mixed = [s for s in steps if s.sequences == 2 and s.tokens > 2]
     assert len(mixed) >= long.prompt_tokens // 16, "the busy stream kept generating while the long prompt was read"
+
+
+class Stepper:
+    """An on_step callback that lets the decode loop take one step per release()."""
+
+    def __init__(self):
+        self.steps: list = []
+        self._permits = threading.Semaphore(0)
+        self._expired = False
+
+    def __call__(self, info) -> None:
+        self.steps.append(info)
+        if not self._expired and not self._permits.acquire(timeout=30):
+            self._expired = True  # a test that failed mid-way must not hang close()
+
+    def release(self, n: int = 1) -> None:
+        self._permits.release(n)
+
+
+def test_a_joining_prompt_gets_a_step_of_its_own_but_never_two_in_a_row(tiny):
+    stepper = Stepper()
+    with open_model(tiny, n_parallel=4, on_step=stepper) as bm:
+        busy = bm.submit(greedy(PROMPTS[0], 200))
+        wait_until(lambda: len(stepper.steps) == 1)  # busy's prompt
+        stepper.release()
+        wait_until(lambda: len(stepper.steps) == 2)  # busy's first generated token
+        joiners = [bm.submit(greedy(p, 8)) for p in PROMPTS[1:3]]
+        stepper.release()
+        wait_until(lambda: len(stepper.steps) == 3)
+        stepper.release()
+        wait_until(lambda: len(stepper.steps) == 4)
+        own, mixed = stepper.steps[2], stepper.steps[3]
+        assert (own.sequences, own.tokens, own.generated) == (2, sum(j.prompt_tokens for j in joiners), 2)
+        assert (mixed.sequences, mixed.tokens, mixed.generated) == (3, 3, 3)
+        busy.close()
+        stepper.release(10_000)
 
 
 def test_closing_a_stream_frees_its_slot_and_sequence(tiny):
