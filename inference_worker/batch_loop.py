@@ -145,9 +145,10 @@ class DecodeLoop:
                 for slot in [s for s in self._slots if s is not None and s.stream.closed]:
                     self._release(slot)
                     slot.stream._end("cancelled")
-                for prepared, stream in [p for p in self._queue if p[1].closed]:
-                    self._queue.remove((prepared, stream))
-                    stream._end("cancelled")
+                for _, stream in self._queue:
+                    if stream.closed:
+                        stream._end("cancelled")
+                self._queue = deque(p for p in self._queue if not p[1].closed)
                 if self._stopping:
                     self._fail_everything(f"{self.name} was unloaded")
                     return False
