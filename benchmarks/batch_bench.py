@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import logging
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -41,6 +42,7 @@ log = logging.getLogger("batch_bench")
 PROMPTS = ["Once upon a time", "The history of Rome", "A recipe for bread:", "The best way to learn",
            "In the year 2050,", "Dear diary, today", "The ocean is", "My favourite book is"]
 N_CTX = 512
+JOIN_DELAY = random.Random(0)
 
 
 def wait_idle(bm: BatchedModel) -> None:
@@ -84,6 +86,8 @@ def ttft_joining(bm: BatchedModel, busy: int) -> float:
                for i in range(busy)]
     for s in streams:
         next(iter(s))  # every busy stream is past its prompt
+    # Arrive at a random point of a step, as a real request does, not just after one.
+    time.sleep(JOIN_DELAY.uniform(0.05, 0.15))
     try:
         return first_piece_seconds(bm, "Hello")
     finally:
@@ -142,6 +146,7 @@ class LlamaServer:
             t.start()
         for e in started_busy:
             e.wait()
+        time.sleep(JOIN_DELAY.uniform(0.05, 0.15))
         at_once = threading.Event()
         at_once.set()  # return at the first piece
         started = time.perf_counter()
