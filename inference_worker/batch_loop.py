@@ -43,9 +43,13 @@ class _Slot:
 class DecodeLoop:
     """Owns a context (it frees it when it stops), the queue and the slots; one thread decodes."""
 
-    def __init__(self, ctx, vocab, n_parallel: int, n_batch: int, prompt_chunk: int,
+    def __init__(self, ctx, model, n_parallel: int, n_batch: int, prompt_chunk: int,
                  on_step: Callable[[StepInfo], None] | None, name: str):
         self.name, self.n_parallel = name, n_parallel
+        # The Llama that owns the weights: held so that they outlive the context even if the
+        # BatchedModel is dropped without close().
+        self._model = model
+        vocab = llama_cpp.llama_model_get_vocab(model.model)
         self._ctx, self._mem, self._vocab = ctx, llama_cpp.llama_get_memory(ctx), vocab
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)

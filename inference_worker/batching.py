@@ -55,10 +55,13 @@ class BatchedModel:
             # llama.cpp's CPU flash attention rounds differently for different batches too (gemma, here).
             ctx, n_batch = self._open_context(n_ctx_per_slot, prompt_chunk, n_threads, n_threads_batch or n_threads,
                                               flash_attn and not batch_invariant)
-            # Each sequence gets its own n_ctx / n_seq_max cells (kv_unified is off).
-            self.n_ctx_per_slot = llama_cpp.llama_n_ctx_seq(ctx)
-            self._loop = DecodeLoop(ctx, llama_cpp.llama_model_get_vocab(self._host.model), n_parallel, n_batch,
-                                    prompt_chunk, on_step, self.name)
+            try:
+                # Each sequence gets its own n_ctx / n_seq_max cells (kv_unified is off).
+                self.n_ctx_per_slot = llama_cpp.llama_n_ctx_seq(ctx)
+                self._loop = DecodeLoop(ctx, self._host, n_parallel, n_batch, prompt_chunk, on_step, self.name)
+            except BaseException:
+                llama_cpp.llama_free(ctx)
+                raise
         except BaseException:
             self._host.close()
             raise
