@@ -280,3 +280,10 @@ def test_random_disconnects_leave_no_slot_and_no_foreign_text(make_model, tmp_pa
     log.info("stress: %s in %.0f s; %s", done, seconds, [bm.stats() for bm in models.values()])
     assert not errors, errors[:5]
     assert done["full"] > 16 and done["closed"] > 16, done
+
+
+def test_a_file_llama_cpp_cannot_load_raises(tiny, tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(tiny.read_bytes()[:1000])
+    with pytest.raises(ValueError):
+        open_model(broken)
