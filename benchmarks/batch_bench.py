@@ -11,7 +11,11 @@ on all rows alike), and prints each row's median and samples:
   llama-server (with --llama-server or $LLAMA_SERVER) `-np 8` on the same model and threads,
                one stream and --streams concurrent ones over HTTP
   ttft         first piece of a short prompt on the idle 8-slot model, and joining 7 busy streams
-then the ratios. Timings vary with the machine and its load."""
+then the ratios. Each in-process measurement runs in a fresh process (after one warm-up), as
+a worker with one model would: in an OpenMP build of llama.cpp, a process in which several
+threads have driven contexts decodes markedly slower (here about 160 -> 100 tok/s), because
+libgomp stops spinning once it manages more threads than there are cores. Timings vary with
+the machine and its load."""
 
 from __future__ import annotations
 
@@ -183,6 +187,52 @@ def _server_completion(url: str, i: int, tokens: int) -> int:
     return requests.post(url + "/completion", json=body, timeout=300).json()["tokens_predicted"]
 
 
+ROWS = {  # id: label
+    "high": "high-level Llama, 1 stream",
+    "b1x1": "batched 1 slot, 1 stream",
+    "b8x1": "batched 8 slots, 1 stream",
+    "b1xN": "batched 1 slot, {n} streams",
+    "b4xN": "batched 4 slots, {n} streams",
+    "b8xN": "batched 8 slots, {n} streams",
+    "server1": "llama-server -np 8, 1 stream",
+    "serverN": "llama-server -np 8, {n} streams",
+    "ttft-idle": "ttft idle (s)",
+    "ttft-join": "ttft joining 7 busy streams (s)",
+    "server-ttft-idle": "llama-server ttft idle (s)",
+    "server-ttft-join": "llama-server ttft joining 7 busy (s)",
+}
+
+
+def measure_row(row: str, args) -> float:
+    """One in-process row in this (fresh) process: a warm-up, then one measurement."""
+    if row == "high":
+        high = HighLevel(args.model, args.threads)
+        try:
+            high.rate(8)
+            return high.rate(args.tokens)
+        finally:
+            high.llm.close()
+    n_parallel = {"b1x1": 1, "b8x1": 8, "b1xN": 1, "b4xN": 4, "b8xN": 8, "ttft-idle": 8, "ttft-join": 8}[row]
+    with BatchedModel(args.model, n_ctx_per_slot=N_CTX, n_parallel=n_parallel, n_threads=args.threads,
+                      batch_invariant=args.batch_invariant) as bm:
+        streams = 1 if row.endswith("x1") else args.streams
+
+        def measure() -> float:
+            if row == "ttft-idle":
+                return ttft_idle(bm)
+            if row == "ttft-join":
+                return ttft_joining(bm, 7)
+            return batched_rate(bm, streams, args.tokens)
+
+        measure()  # warm-up
+        return measure()
+
+
+def run_in_fresh_process(row: str, argv: list[str]) -> float:
+    out = subprocess.run([sys.executable, __file__, *argv, "--row", row], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -193,58 +243,45 @@ def main() -> None:
     parser.add_argument("--batch-invariant", action="store_true", help="load without CPU weight repacking")
     parser.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"),
                         help="a llama-server binary to compare with (default: $LLAMA_SERVER)")
+    parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # one measurement, in a child process
     args = parser.parse_args()
+    if args.row:
+        print(measure_row(args.row, args))  # the parent reads this value
+        return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log.info("model %s, %d tokens per stream, %d threads, medians of %d rounds%s", args.model.name, args.tokens,
              args.threads, args.repeat, ", batch_invariant" if args.batch_invariant else "")
+    child_argv = ["--model", str(args.model), "--streams", str(args.streams), "--tokens", str(args.tokens),
+                  "--threads", str(args.threads), *(["--batch-invariant"] if args.batch_invariant else [])]
+    rows: dict[str, Callable[[], float]] = {
+        row: (lambda row=row: run_in_fresh_process(row, child_argv)) for row in ROWS if not row.startswith("server")}
     with contextlib.ExitStack() as stack:
-        high = HighLevel(args.model, args.threads)
-        stack.callback(high.llm.close)
-        slots = {n: stack.enter_context(BatchedModel(args.model, n_ctx_per_slot=N_CTX, n_parallel=n,
-                                                     n_threads=args.threads, batch_invariant=args.batch_invariant))
-                 for n in (1, 4, 8)}
-        server = None
         if args.llama_server:
             server = LlamaServer(args.llama_server, args.model, args.threads,
                                  stack.enter_context(tempfile.TemporaryFile()))
             stack.callback(server.close)
-        rows: dict[str, Callable[[], float]] = {
-            "high-level Llama, 1 stream": lambda: high.rate(args.tokens),
-            "batched 1 slot, 1 stream": lambda: batched_rate(slots[1], 1, args.tokens),
-            "batched 8 slots, 1 stream": lambda: batched_rate(slots[8], 1, args.tokens),
-            **{f"batched {n} slots, {args.streams} streams": (lambda n=n: batched_rate(slots[n], args.streams,
-                                                                                       args.tokens))
-               for n in (1, 4, 8)},
-        }
-        if server is not None:
-            rows["llama-server -np 8, 1 stream"] = lambda: server.rate(1, args.tokens)
-            rows[f"llama-server -np 8, {args.streams} streams"] = lambda: server.rate(args.streams, args.tokens)
-        rows["ttft idle (s)"] = lambda: ttft_idle(slots[8])
-        rows["ttft joining 7 busy streams (s)"] = lambda: ttft_joining(slots[8], 7)
-        if server is not None:
-            rows["llama-server ttft idle (s)"] = lambda: server.ttft(0)
-            rows["llama-server ttft joining 7 busy (s)"] = lambda: server.ttft(7)
-        for measure in rows.values():
-            measure()  # warm-up: page the model in, start threads
-        # Rounds, not one row after another: load from other processes then falls on every row alike.
-        samples: dict[str, list[float]] = {name: [] for name in rows}
+            server.rate(1, 8)  # warm-up
+            rows.update({"server1": lambda: server.rate(1, args.tokens),
+                         "serverN": lambda: server.rate(args.streams, args.tokens),
+                         "server-ttft-idle": lambda: server.ttft(0),
+                         "server-ttft-join": lambda: server.ttft(7)})
+        samples: dict[str, list[float]] = {row: [] for row in rows}
         for _ in range(args.repeat):
-            for name, measure in rows.items():
-                samples[name].append(measure())
-    result = {name: statistics.median(values) for name, values in samples.items()}
-    for name, value in result.items():
-        unit = "s" if "ttft" in name else "tok/s"
-        log.info("  %-34s %8.3f %s  (%s)", name, value, unit, ", ".join(f"{v:.3g}" for v in samples[name]))
-    many = result[f"batched 8 slots, {args.streams} streams"]
+            for row, measure in rows.items():
+                samples[row].append(measure())
+    result = {row: statistics.median(values) for row, values in samples.items()}
+    for row in ROWS:
+        if row in result:
+            unit = "s" if "ttft" in row else "tok/s"
+            log.info("  %-34s %8.3f %s  (%s)", ROWS[row].format(n=args.streams), result[row], unit,
+                     ", ".join(f"{v:.3g}" for v in samples[row]))
     log.info("ratio: %d streams on 8 slots / 1 stream on 1 slot: %.2fx; / the high-level path's 1 stream: %.2fx",
-             args.streams, many / result["batched 1 slot, 1 stream"], many / result["high-level Llama, 1 stream"])
-    if server is not None:
-        log.info("ratio: batched 8 slots / llama-server -np 8, %d streams: %.2fx", args.streams,
-                 many / result[f"llama-server -np 8, {args.streams} streams"])
-    log.info("ratio: ttft joining / idle: %.2fx", result["ttft joining 7 busy streams (s)"] / result["ttft idle (s)"])
-    if server is not None:
-        log.info("ratio: llama-server ttft joining / idle: %.2fx",
-                 result["llama-server ttft joining 7 busy (s)"] / result["llama-server ttft idle (s)"])
+             args.streams, result["b8xN"] / result["b1x1"], result["b8xN"] / result["high"])
+    if args.llama_server:
+        log.info("ratio: batched 8 slots / llama-server -np 8, %d streams: %.2fx; 1 stream: %.2fx", args.streams,
+                 result["b8xN"] / result["serverN"], result["b1x1"] / result["server1"])
+        log.info("ratio: llama-server ttft joining / idle: %.2fx", result["server-ttft-join"] / result["server-ttft-idle"])
+    log.info("ratio: ttft joining / idle: %.2fx", result["ttft-join"] / result["ttft-idle"])
 
 
 if __name__ == "__main__":
