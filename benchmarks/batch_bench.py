@@ -13,8 +13,8 @@ on all rows alike), and prints each row's median and samples:
   ttft         first piece of a short prompt on the idle 8-slot model, and joining 7 busy streams
 then the ratios. Each in-process measurement runs in a fresh process (after one warm-up), as
 a worker with one model would: in an OpenMP build of llama.cpp, a process in which several
-threads have driven contexts decodes markedly slower (here about 160 -> 100 tok/s), because
-libgomp stops spinning once it manages more threads than there are cores. Timings vary with
+threads have driven contexts decodes markedly slower (here about 160 -> 100 tok/s; likely
+libgomp giving up its spin-waiting once it manages more threads than there are cores). Timings vary with
 the machine and its load."""
 
 from __future__ import annotations
