@@ -166,7 +166,8 @@ class DecodeLoop:
     def _admit(self, prepared: PreparedRequest, stream: Stream) -> None:
         seq = self._slots.index(None)
         self._admitted += 1
-        self._slots[seq] = _Slot(seq, self._admitted, stream, prepared, new_sampler(prepared, self._n_vocab))
+        sampler = new_sampler(prepared, self._n_vocab, self._model.model)
+        self._slots[seq] = _Slot(seq, self._admitted, stream, prepared, sampler)
 
     def _step(self) -> None:
         """One llama_decode: a token for each generating slot, then prompt chunks in admission order."""

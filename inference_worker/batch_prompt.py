@@ -13,7 +13,7 @@ import sys
 import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import llama_cpp
 from llama_cpp import Llama
@@ -25,7 +25,7 @@ from model_swap.web import GenerationRequest
 # That is about 6 MiB for each real model here, where n_batch=32 cost gemma 37 MiB.
 HOST_N_CTX = 32
 HOST_N_BATCH = 1
-UNSUPPORTED_SAMPLING = ("logits_processor", "grammar")  # what llama-cpp-python adds for logit_bias, response_format
+UNSUPPORTED_SAMPLING = ("logits_processor",)  # what llama-cpp-python adds for logit_bias
 
 
 class PromptTooLong(ValueError):
@@ -39,14 +39,15 @@ class PromptTooLong(ValueError):
 
 @dataclass(frozen=True)
 class BatchRequest:
-    """One generation: a prompt or chat messages, and how to sample it.
+    """One generation: a prompt (text, or tokens already rendered) or chat messages, and how to sample it.
 
     A field left None takes llama-cpp-python's default for that kind of request (so temperature
     is 0.8 for a prompt and 0.2 for a chat, as in create_completion / create_chat_completion).
-    max_tokens None means: until the slot's context is full.
+    max_tokens None means: until the slot's context is full. grammar is a LlamaGrammar that
+    constrains every sampled token, as create_completion's `grammar` does.
     """
 
-    prompt: str | None = None
+    prompt: str | tuple[int, ...] | None = None
     messages: tuple[dict, ...] | None = None
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
@@ -58,6 +59,7 @@ class BatchRequest:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     seed: int | None = None
+    grammar: object | None = None
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -70,10 +72,21 @@ class BatchRequest:
                 if f.name not in skip and getattr(self, f.name) is not None}
 
     @classmethod
-    def from_generation(cls, request: GenerationRequest) -> "BatchRequest":
-        """The worker's parsed /infer body as a batched request."""
-        return cls(prompt=request.prompt, messages=request.messages, max_tokens=request.max_tokens,
-                   temperature=request.temperature)
+    def from_generation(cls, request: GenerationRequest, chat_tokens: Sequence[int] | None = None,
+                        chat_stop: Sequence[str] = (), grammar: object | None = None) -> "BatchRequest":
+        """The worker's parsed /infer body as a batched request.
+
+        A chat arrives rendered by the worker's own template (chat_tokens, with the template's
+        stop strings), exactly as the single-stream engine feeds it to create_completion.
+        Every field of sampling_kwargs() is taken: a new one there fails here, not silently.
+        """
+        sampling = request.sampling_kwargs()
+        max_tokens = sampling.pop("max_tokens")
+        stop = tuple(dict.fromkeys((*chat_stop, *sampling.pop("stop", ()))))
+        if chat_tokens is not None:
+            return cls(prompt=tuple(chat_tokens), max_tokens=max_tokens, stop=stop, grammar=grammar, **sampling)
+        return cls(prompt=request.prompt, messages=request.messages, max_tokens=max_tokens, stop=stop,
+                   grammar=grammar, **sampling)
 
 
 @dataclass(frozen=True)
@@ -131,7 +144,8 @@ class HostLlama(Llama):
                     chunks = self.create_chat_completion(list(request.messages), stream=True, stop=list(request.stop),
                                                          **request.sampling_kwargs())
                 else:
-                    chunks = self.create_completion(request.prompt, stream=True, stop=list(request.stop),
+                    prompt = request.prompt if isinstance(request.prompt, str) else list(request.prompt)
+                    chunks = self.create_completion(prompt, stream=True, stop=list(request.stop),
                                                     **request.sampling_kwargs())
                 next(iter(chunks))
             except _ReachedGenerate as reached:
@@ -145,6 +159,8 @@ class HostLlama(Llama):
             raise ValueError("mirostat is not supported by batched generation")
         if not tokens:
             raise ValueError("the prompt is empty")
+        if sampling.get("grammar") is not None:
+            check_grammar(sampling["grammar"], self.model)
         if len(tokens) >= n_ctx:
             raise PromptTooLong(len(tokens), n_ctx)
         room = n_ctx - len(tokens)
@@ -165,8 +181,23 @@ class HostLlama(Llama):
         raise _ReachedGenerate(list(tokens), kwargs, self._seed)
 
 
-def new_sampler(prepared: PreparedRequest, n_vocab: int):
-    """A llama.cpp sampler chain in the order llama-cpp-python builds it; free it with llama_sampler_free."""
+def _grammar_sampler(grammar, model):
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    return llama_cpp.llama_sampler_init_grammar(vocab, grammar._grammar.encode("utf-8"), grammar._root.encode("utf-8"))
+
+
+def check_grammar(grammar, model) -> None:
+    """ValueError if llama.cpp cannot parse the grammar (checked on the caller's thread, not the decode loop's)."""
+    sampler = _grammar_sampler(grammar, model)
+    if not sampler:
+        raise ValueError("llama.cpp could not parse the grammar")
+    llama_cpp.llama_sampler_free(sampler)
+
+
+def new_sampler(prepared: PreparedRequest, n_vocab: int, model=None):
+    """A llama.cpp sampler chain in the order llama-cpp-python builds it; free it with llama_sampler_free.
+
+    `model` (a llama_model pointer) is needed only for a request with a grammar."""
     s = prepared.sampling
     chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
 
@@ -176,6 +207,8 @@ def new_sampler(prepared: PreparedRequest, n_vocab: int):
     # This build's llama_sampler_init_penalties still takes n_vocab first (see its llama.h).
     add(llama_cpp.llama_sampler_init_penalties(n_vocab, prepared.penalty_last_n, s["repeat_penalty"],
                                                s["frequency_penalty"], s["presence_penalty"]))
+    if s.get("grammar") is not None:  # after the penalties, before choosing, as llama-cpp-python does
+        add(_grammar_sampler(s["grammar"], model))
     temp = s["temp"]
     if temp < 0:
         add(llama_cpp.llama_sampler_init_dist(prepared.seed))

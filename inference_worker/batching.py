@@ -89,6 +89,11 @@ class BatchedModel:
         return ctx, params.n_batch
 
     @property
+    def host(self) -> HostLlama:
+        """The Llama holding the weights, tokenizer and metadata (never used to generate)."""
+        return self._host
+
+    @property
     def kv_cache_bytes(self) -> int:
         """Bytes of KV cache this model's context holds: all slots, n_parallel x n_ctx_per_slot cells."""
         return kv_cache_bytes(self._host.metadata, self.n_ctx_per_slot * self.n_parallel)

@@ -77,15 +77,18 @@ def vocabulary_size(header: GgufHeader) -> int:
     return size if isinstance(size, int) else 0
 
 
-def estimate_model_memory(header: GgufHeader, n_ctx: int, logits_all: bool = False) -> MemoryEstimate:
-    """Weights at their quantization + KV cache for n_ctx + the context's own allowance, and with
-    logits_all the n_ctx × vocabulary table of float32 logits that fills as the context does."""
+def estimate_model_memory(header: GgufHeader, n_ctx: int, logits_all: bool = False,
+                          n_parallel: int = 1) -> MemoryEstimate:
+    """Weights at their quantization + KV cache for n_parallel slots of n_ctx + the context's own
+    allowance, and with logits_all the n_ctx × vocabulary table of float32 logits that fills as the
+    context does."""
     vocab = vocabulary_size(header)
     context = CONTEXT_FIXED_BYTES + CONTEXT_BYTES_PER_VOCAB_TOKEN * vocab
     # Untouched right after the load (numpy leaves it unwritten), so it is charged before it is
     # resident: a model used for logprobs must not push the others past the budget later.
     logits = n_ctx * vocab * LOGIT_BYTES if logits_all else 0
-    return MemoryEstimate(header.tensor_bytes, kv_cache_bytes(header, n_ctx), context, logits)
+    # Each slot has its own n_ctx cells (kv_unified off), each rounded up as llama.cpp does.
+    return MemoryEstimate(header.tensor_bytes, n_parallel * kv_cache_bytes(header, n_ctx), context, logits)
 
 
 def process_rss_bytes() -> int:
