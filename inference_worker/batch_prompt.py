@@ -18,12 +18,12 @@ from typing import Mapping, Sequence
 import llama_cpp
 from llama_cpp import Llama
 
+from inference_worker.memory import HOST_N_CTX
 from model_swap.web import GenerationRequest
 
 # The host Llama's own context is never used to generate: keep it as small as llama.cpp allows
 # (it rounds the cells up to 256; one-token batches keep the compute buffer to one row of logits).
 # That is about 6 MiB for each real model here, where n_batch=32 cost gemma 37 MiB.
-HOST_N_CTX = 32
 HOST_N_BATCH = 1
 UNSUPPORTED_SAMPLING = ("logits_processor",)  # what llama-cpp-python adds for logit_bias
 

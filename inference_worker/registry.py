@@ -17,18 +17,17 @@ import gc
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from inference_worker.batch_generation import BatchedGeneration
-from inference_worker.batch_prompt import HOST_N_CTX
 from inference_worker.batch_stream import StepInfo
 from inference_worker.batching import BatchedModel
 from inference_worker.chat_templates import ChatTemplate, choose_chat_template
 from inference_worker.engine import FairLock, Generation, llama_model_bytes, open_llama
-from inference_worker.memory import (Budget, MemoryEstimate, estimate_model_memory, kv_cache_bytes,
-                                     process_rss_bytes, return_freed_memory)
+from inference_worker.memory import (Budget, MemoryEstimate, estimate_model_memory, process_rss_bytes,
+                                     return_freed_memory)
 from model_swap.errors import ApiError
 from model_swap.gguf import GgufError, read_header
 from model_swap.model_settings import ModelSettings
@@ -207,10 +206,7 @@ class ModelRegistry:
         if known is not None:
             return known
         try:
-            header = read_header(path)
-            estimate = estimate_model_memory(header, n_ctx, logits_all, n_parallel)
-            if n_parallel > 1:  # the batched model's host Llama keeps a context of its own, the smallest allowed
-                estimate = replace(estimate, kv_cache=estimate.kv_cache + kv_cache_bytes(header, HOST_N_CTX))
+            estimate = estimate_model_memory(read_header(path), n_ctx, logits_all, n_parallel)
         except (GgufError, OSError) as err:
             raise ApiError(422, "load_failed", f"{name} is not a loadable GGUF file: {err}") from err
         with self._cond:
