@@ -109,19 +109,12 @@ class _ReachedGenerate(Exception):
         self.tokens, self.sampling, self.seed = tokens, sampling, seed
 
 
-class HostLlama(Llama):
-    """Holds the weights, tokenizer and chat template for a BatchedModel; never generates itself."""
+class RepackChoiceLlama(Llama):
+    """A Llama that can load its weights without llama.cpp's CPU repacking (Llama has no argument for it)."""
 
-    def __init__(self, path: Path, n_gpu_layers: int, repack_weights: bool = True):
+    def __init__(self, *args, repack_weights: bool = True, **kwargs):
         self._repack_weights = repack_weights
-        super().__init__(model_path=str(path), n_ctx=HOST_N_CTX, n_batch=HOST_N_BATCH, n_gpu_layers=n_gpu_layers,
-                         n_threads=1, n_threads_batch=1, verbose=False)
-        # create_completion compares the prompt with this Llama's own (tiny) context; prepare()
-        # checks it against a slot's context instead.
-        self._n_ctx = sys.maxsize
-        # prepare() changes this Llama's seed and stop bookkeeping: one request at a time.
-        self._prepare_lock = threading.Lock()
-        self._stop: list[str] = []
+        super().__init__(*args, **kwargs)
 
     @property
     def model_params(self):
@@ -130,11 +123,25 @@ class HostLlama(Llama):
 
     @model_params.setter
     def model_params(self, params) -> None:
-        # Llama has no argument for it: CPU weight repacking ("extra buffer types") uses kernels
-        # whose rounding depends on how many tokens are in a batch; turning it off keeps a
-        # stream's text independent of the others in its batch (batch_invariant).
+        # CPU weight repacking ("extra buffer types") uses kernels whose rounding depends on how
+        # many tokens are in a batch; turning it off keeps a stream's text independent of the
+        # others in its batch (batch_invariant).
         params.use_extra_bufts = self._repack_weights
         self.__dict__["_model_params"] = params
+
+
+class HostLlama(RepackChoiceLlama):
+    """Holds the weights, tokenizer and chat template for a BatchedModel; never generates itself."""
+
+    def __init__(self, path: Path, n_gpu_layers: int, repack_weights: bool = True):
+        super().__init__(model_path=str(path), n_ctx=HOST_N_CTX, n_batch=HOST_N_BATCH, n_gpu_layers=n_gpu_layers,
+                         n_threads=1, n_threads_batch=1, verbose=False, repack_weights=repack_weights)
+        # create_completion compares the prompt with this Llama's own (tiny) context; prepare()
+        # checks it against a slot's context instead.
+        self._n_ctx = sys.maxsize
+        # prepare() changes this Llama's seed and stop bookkeeping: one request at a time.
+        self._prepare_lock = threading.Lock()
+        self._stop: list[str] = []
 
     def prepare(self, request: BatchRequest, n_ctx: int) -> PreparedRequest:
         """Build tokens and sampler settings exactly as the high-level path would; PromptTooLong if it cannot fit."""
