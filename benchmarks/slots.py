@@ -1,0 +1,102 @@
+"""Workload 8, parallel slots: model-swap's worker with N_PARALLEL 1, 4 and 8 against llama-server -np 8.
+
+Each configuration runs on its own store and worker (started here, stopped before the next), on
+the first model, with 1 and 8 concurrent streams of the plan's tokens, measured side by side in
+one run: the throughput workload's client and arithmetic, nothing else. Run alone with
+`python -m benchmarks --systems model-swap --workloads slots`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+from benchmarks import workloads
+from benchmarks.client import median
+from benchmarks.systems import LlamaServerRouter, ModelSwap, System, _worker_thread_flags
+from model_swap.testing import ServiceProcess
+
+SLOT_COUNTS = (1, 4, 8)
+STREAMS = (1, 8)
+
+
+class ModelSwapSlots(ModelSwap):
+    """model-swap as the suite runs it, with the worker's N_PARALLEL set."""
+
+    def __init__(self, n_parallel: int):
+        super().__init__()
+        self.n_parallel = n_parallel
+        self.key = f"model-swap-np{n_parallel}"
+        self.label = f"model-swap, N_PARALLEL={n_parallel}"
+
+    def start(self, models: list[Path], workdir: Path, threads: int) -> None:
+        env = {"N_THREADS": str(threads), "N_PARALLEL": str(self.n_parallel)}
+        self.worker = ServiceProcess("inference_worker", ["--cache-dir", str(workdir / "worker-cache"), "--log-level",
+                                                          "WARNING", *_worker_thread_flags(threads)],
+                                     workdir / "worker.log", env=env).start()
+        self.store = ServiceProcess("model_store_server", [
+            "--models-dir", str(models[0].parent), "--worker-url", self.worker.url, "--cache-policy", "lru",
+            "--max-cache-size", str(self.max_cache_size), "--log-level", "WARNING"], workdir / "store.log").start()
+
+
+def configurations() -> list[System]:
+    return [*(ModelSwapSlots(n) for n in SLOT_COUNTS), LlamaServerRouter(1)]
+
+
+def steps(reps: int) -> int:
+    """Progress-bar units."""
+    return len(configurations()) * len(STREAMS) * reps
+
+
+def measure(models: list[Path], workdir: Path, threads: int, tokens: int, reps: int, tick=lambda: None) -> dict:
+    """tokens/s for 1 and 8 streams on every configuration; a configuration that cannot run says why."""
+    rows = []
+    for system in configurations():
+        row: dict = {"key": system.key, "label": system.label}
+        reason = system.unavailable()
+        if reason:
+            row["status"] = f"not run: {reason}"
+            rows.append(row)
+            for _ in range(len(STREAMS) * reps):
+                tick()
+            continue
+        (workdir / f"slots-{system.key}").mkdir()
+        try:
+            system.start(models, workdir / f"slots-{system.key}", threads)
+            model = system.model_id(models[0])
+            for streams in STREAMS:
+                row[f"streams_{streams}"] = workloads.throughput(system, model, streams, tokens, reps, tick)
+            row["status"] = "ok"
+        except Exception as err:  # one configuration failing must not lose the others
+            row["status"] = f"failed: {type(err).__name__}: {err}"[:300]
+        finally:
+            system.stop()
+        rows.append(row)
+    return {"model": models[0].name, "tokens_per_stream": tokens, "rows": rows}
+
+
+def _rate(row: dict, streams: int) -> float:
+    run = row.get(f"streams_{streams}")
+    return median(run["tokens_per_s"]) if run else math.nan
+
+
+def section(result: dict | None) -> str:
+    """bench.md's table: tok/s for 1 and 8 streams per configuration, against one stream and llama-server."""
+    if not result:
+        return "not run.\n"
+    rows = result["rows"]
+    server = next((r for r in rows if r["key"].startswith("llama-server")), {})
+    server_8 = _rate(server, 8)
+
+    def fmt(value: float, suffix: str = "") -> str:
+        return "n/a" if math.isnan(value) else f"{value:.1f}{suffix}" if not suffix else f"{value:.2f}{suffix}"
+
+    lines = [f"{result['model']}, {result['tokens_per_stream']} tokens per stream, median tok/s over the repetitions.\n",
+             "| configuration | 1 stream | 8 streams | 8 ÷ 1 stream | 8 streams ÷ llama-server -np 8 | status |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        one, eight = _rate(r, 1), _rate(r, 8)
+        lines.append(f"| {r['label']} | {fmt(one)} | {fmt(eight)} | {fmt(eight / one if one else math.nan, '×')} | "
+                     f"{fmt(eight / server_8 if server_8 else math.nan, '×')} | {r['status']} |")
+    return "\n".join(lines) + "\n"
