@@ -1,8 +1,8 @@
 """Workload 8, parallel slots: model-swap's worker with N_PARALLEL 1, 4 and 8 against llama-server -np 8.
 
-Each configuration runs on its own store and worker (started here, stopped before the next), on
-the first model, with 1 and 8 concurrent streams of the plan's tokens, measured side by side in
-one run: the throughput workload's client and arithmetic, nothing else. Run alone with
+Each configuration runs on its own store and worker (all started here, so the repetitions can go
+round them in turn), on the first model, with 1 and 8 concurrent streams of the plan's tokens:
+the throughput workload's client and arithmetic, nothing else. Run alone with
 `python -m benchmarks --systems model-swap --workloads slots`.
 """
 
@@ -50,29 +50,47 @@ def steps(reps: int) -> int:
 
 
 def measure(models: list[Path], workdir: Path, threads: int, tokens: int, reps: int, tick=lambda: None) -> dict:
-    """tokens/s for 1 and 8 streams on every configuration; a configuration that cannot run says why."""
-    rows = []
-    for system in configurations():
-        row: dict = {"key": system.key, "label": system.label}
-        reason = system.unavailable()
-        if reason:
-            row["status"] = f"not run: {reason}"
+    """tokens/s for 1 and 8 streams on every configuration; a configuration that cannot run says why.
+
+    Every configuration is started first and the repetitions go round them in turn, so that load
+    from other processes on a shared machine falls on all of them alike.
+    """
+    rows: list[dict] = []
+    running: list[tuple[System, dict]] = []
+    try:
+        for system in configurations():
+            row: dict = {"key": system.key, "label": system.label}
             rows.append(row)
-            for _ in range(len(STREAMS) * reps):
-                tick()
-            continue
-        (workdir / f"slots-{system.key}").mkdir()
-        try:
-            system.start(models, workdir / f"slots-{system.key}", threads)
-            model = system.model_id(models[0])
+            reason = system.unavailable()
+            if reason:
+                row["status"] = f"not run: {reason}"
+                for _ in range(len(STREAMS) * reps):
+                    tick()
+                continue
+            (workdir / f"slots-{system.key}").mkdir()
+            try:
+                system.start(models, workdir / f"slots-{system.key}", threads)
+                running.append((system, row))
+                row["status"] = "ok"
+            except Exception as err:  # one configuration failing must not lose the others
+                system.stop()
+                row["status"] = f"failed: {type(err).__name__}: {err}"[:300]
+        for _ in range(reps):
             for streams in STREAMS:
-                row[f"streams_{streams}"] = workloads.throughput(system, model, streams, tokens, reps, tick)
-            row["status"] = "ok"
-        except Exception as err:  # one configuration failing must not lose the others
-            row["status"] = f"failed: {type(err).__name__}: {err}"[:300]
-        finally:
+                for system, row in running:
+                    if row["status"] != "ok":
+                        continue
+                    try:
+                        run = workloads.throughput(system, system.model_id(models[0]), streams, tokens, 1, tick)
+                    except Exception as err:
+                        row["status"] = f"failed: {type(err).__name__}: {err}"[:300]
+                        continue
+                    kept = row.setdefault(f"streams_{streams}", {**run, "tokens_per_s": [], "tokens": []})
+                    kept["tokens_per_s"] += run["tokens_per_s"]
+                    kept["tokens"] += run["tokens"]
+    finally:
+        for system, _ in running:
             system.stop()
-        rows.append(row)
     return {"model": models[0].name, "tokens_per_stream": tokens, "rows": rows}
 
 
