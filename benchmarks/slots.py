@@ -1,4 +1,5 @@
-"""Workload 8, parallel slots: model-swap's worker with N_PARALLEL 1, 4 and 8 against llama-server -np 8.
+"""Workload 8, parallel slots: model-swap's worker with N_PARALLEL 1, 4 and 8 (and 8 with flash
+attention) against llama-server -np 8.
 
 Each configuration runs on its own store and worker (all started here, so the repetitions can go
 round them in turn), on the first model, with 1 and 8 concurrent streams of the plan's tokens:
@@ -24,14 +25,14 @@ STREAMS = (1, 8)
 class ModelSwapSlots(ModelSwap):
     """model-swap as the suite runs it, with the worker's N_PARALLEL set."""
 
-    def __init__(self, n_parallel: int):
+    def __init__(self, n_parallel: int, flash_attn: bool = False):
         super().__init__()
-        self.n_parallel = n_parallel
-        self.key = f"model-swap-np{n_parallel}"
-        self.label = f"model-swap, N_PARALLEL={n_parallel}"
+        self.n_parallel, self.flash_attn = n_parallel, flash_attn
+        self.key = f"model-swap-np{n_parallel}{'-flash' if flash_attn else ''}"
+        self.label = f"model-swap, N_PARALLEL={n_parallel}{', FLASH_ATTN=1' if flash_attn else ''}"
 
     def start(self, models: list[Path], workdir: Path, threads: int) -> None:
-        env = {"N_THREADS": str(threads), "N_PARALLEL": str(self.n_parallel)}
+        env = {"N_THREADS": str(threads), "N_PARALLEL": str(self.n_parallel), "FLASH_ATTN": str(int(self.flash_attn))}
         self.worker = ServiceProcess("inference_worker", ["--cache-dir", str(workdir / "worker-cache"), "--log-level",
                                                           "WARNING", *_worker_thread_flags(threads)],
                                      workdir / "worker.log", env=env).start()
@@ -41,7 +42,9 @@ class ModelSwapSlots(ModelSwap):
 
 
 def configurations() -> list[System]:
-    return [*(ModelSwapSlots(n) for n in SLOT_COUNTS), LlamaServerRouter(1)]
+    # llama-server runs with flash attention (its default, auto): the last model-swap row does too.
+    return [*(ModelSwapSlots(n) for n in SLOT_COUNTS), ModelSwapSlots(SLOT_COUNTS[-1], flash_attn=True),
+            LlamaServerRouter(1)]
 
 
 def steps(reps: int) -> int:
@@ -110,7 +113,8 @@ def section(result: dict | None) -> str:
     def fmt(value: float, suffix: str = "") -> str:
         return "n/a" if math.isnan(value) else f"{value:.1f}{suffix}" if not suffix else f"{value:.2f}{suffix}"
 
-    lines = [f"{result['model']}, {result['tokens_per_stream']} tokens per stream, median tok/s over the repetitions.\n",
+    lines = [f"{result['model']}, {result['tokens_per_stream']} tokens per stream, median tok/s over the "
+             "repetitions.\n",
              "| configuration | 1 stream | 8 streams | 8 ÷ 1 stream | 8 streams ÷ llama-server -np 8 | status |",
              "|---|---|---|---|---|---|"]
     for r in rows:

@@ -27,7 +27,7 @@ def _build_registry(config: WorkerConfig, metrics: WorkerMetrics) -> ModelRegist
              budget.source, config.max_loaded_models)
     prepare_llama()
     settings = LlamaSettings(config.n_ctx, config.n_gpu_layers, config.n_threads, config.n_threads_batch,
-                             config.n_parallel, config.batch_invariant)
+                             config.n_parallel, config.batch_invariant, config.flash_attn)
     return ModelRegistry(settings, budget, config.max_loaded_models, config.unload_drain_timeout_s,
                          on_step=metrics.observe_step)
 

@@ -36,6 +36,7 @@ class WorkerConfig:
     n_ctx: int = 2048
     n_parallel: int = 4  # streams decoded together per model; 1 keeps the single-stream engine
     batch_invariant: bool = False
+    flash_attn: bool = False
     n_threads: int = field(default_factory=usable_cores)
     n_threads_batch: int = field(default_factory=usable_cores)
     memory_budget_bytes: int | None = None  # None: chosen at start (memory.detect_budget)
@@ -120,6 +121,9 @@ def _build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     add_switch(parser, env, "--batch-invariant", "BATCH_INVARIANT",
                "load weights without llama.cpp's CPU repacking, so a greedy stream's text is the same whatever "
                "N_PARALLEL and whatever shares its batch (slower for models whose weights get repacked)")
+    add_switch(parser, env, "--flash-attn", "FLASH_ATTN",
+               "llama.cpp's flash attention in both engines: faster for several streams, other rounding than "
+               "without (BATCH_INVARIANT turns it off)")
     flag("--n-threads", "N_THREADS", cores,
          "llama.cpp threads per generation; the default is every core this process may use")
     flag("--n-threads-batch", "N_THREADS_BATCH", cores,
@@ -157,6 +161,7 @@ def load_worker_config(argv: Sequence[str] | None = None, env: Mapping[str, str]
         n_ctx=parse_number(args.n_ctx, "N_CTX"),
         n_parallel=parse_number(args.n_parallel, "N_PARALLEL"),
         batch_invariant=args.batch_invariant,
+        flash_attn=args.flash_attn,
         n_threads=parse_number(args.n_threads, "N_THREADS"),
         n_threads_batch=parse_number(args.n_threads_batch, "N_THREADS_BATCH"),
         memory_budget_bytes=budget,

@@ -119,6 +119,7 @@ class LlamaSettings:
     n_threads_batch: int
     n_parallel: int = 1  # above 1, each model is a BatchedModel with this many slots
     batch_invariant: bool = False  # weights never repacked, so greedy text does not depend on the batch
+    flash_attn: bool = False  # llama.cpp's flash attention in both engines (off under batch_invariant)
 
 
 class ModelRegistry:
@@ -246,7 +247,8 @@ class ModelRegistry:
                 llm = self._open_batched(name, path, n_ctx, n_parallel, n_gpu_layers)
             else:
                 llm = self._open_model(path, n_ctx, n_gpu_layers, s.n_threads, s.n_threads_batch,
-                                       logits_all=settings.logprobs, repack_weights=not s.batch_invariant)
+                                       logits_all=settings.logprobs, repack_weights=not s.batch_invariant,
+                                       flash_attn=s.flash_attn and not s.batch_invariant)
         except Exception as err:
             return_freed_memory()
             log.warning("[registry] load of %s failed: %s", name, err)
@@ -274,10 +276,10 @@ class ModelRegistry:
     def _open_batched(self, name: str, path: Path, n_ctx: int, n_parallel: int, n_gpu_layers: int) -> BatchedModel:
         s = self.settings
         on_step = None if self._on_step is None else (lambda info, report=self._on_step: report(name, info))
-        # Flash attention off, as the single-stream engine opens its context: with it, a stream's
-        # text would differ from N_PARALLEL=1's (SmolLM2 here), for 8-16% more speed.
+        # Flash attention as the single-stream engine opens its context (FLASH_ATTN, off by default):
+        # with it in one engine only, a stream's text differs from N_PARALLEL=1's (SmolLM2 here).
         return BatchedModel(path, n_ctx_per_slot=n_ctx, n_parallel=n_parallel, n_threads=s.n_threads,
-                            n_threads_batch=s.n_threads_batch, n_gpu_layers=n_gpu_layers, flash_attn=False,
+                            n_threads_batch=s.n_threads_batch, n_gpu_layers=n_gpu_layers, flash_attn=s.flash_attn,
                             batch_invariant=s.batch_invariant, on_step=on_step, name=name)
 
     # --- unloading -----------------------------------------------------------------------

@@ -19,7 +19,7 @@ def test_defaults():
     usable = len(os.sched_getaffinity(0))
     assert (c.n_threads, c.n_threads_batch) == (usable, usable)
     assert (c.memory_budget_bytes, c.max_loaded_models, c.unload_drain_timeout_s) == (None, 3, 30.0)
-    assert c.n_parallel == 4
+    assert (c.n_parallel, c.batch_invariant, c.flash_attn) == (4, False, False)
 
 
 def test_environment_and_flags():
@@ -32,6 +32,8 @@ def test_environment_and_flags():
     assert load_worker_config(["--memory-budget-bytes", "AUTO"], env=env).memory_budget_bytes is None
     assert load_worker_config([], env={"N_PARALLEL": "8"}).n_parallel == 8
     assert load_worker_config(["--n-parallel", "1"], env={"N_PARALLEL": "8"}).n_parallel == 1
+    switches = load_worker_config([], env={"BATCH_INVARIANT": "1", "FLASH_ATTN": "1"})
+    assert (switches.batch_invariant, switches.flash_attn) == (True, True)
 
 
 @pytest.mark.parametrize("argv,fragment", [

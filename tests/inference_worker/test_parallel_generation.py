@@ -22,8 +22,9 @@ SMOL, GEMMA = REAL / "SmolLM2-135M-Instruct.Q4_1.gguf", REAL / "gemma-3-270m-q4_
 CHAT = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"})
 
 
-def registry(n_parallel: int, n_ctx: int = 256, threads: int = 1, batch_invariant: bool = False) -> ModelRegistry:
-    return ModelRegistry(LlamaSettings(n_ctx, 0, threads, threads, n_parallel, batch_invariant),
+def registry(n_parallel: int, n_ctx: int = 256, threads: int = 1, batch_invariant: bool = False,
+             flash_attn: bool = False) -> ModelRegistry:
+    return ModelRegistry(LlamaSettings(n_ctx, 0, threads, threads, n_parallel, batch_invariant, flash_attn),
                          Budget(1 << 40, "test"), max_loaded_models=3, drain_timeout_s=10.0)
 
 
@@ -120,21 +121,27 @@ def test_sampling_fields_reach_the_slot_as_on_one_stream(make_model, tmp_path):
     assert texts(tiny, 4, [request, other]) == single
 
 
-# Greedy text must not change with N_PARALLEL. SmolLM2 holds with the defaults. Gemma's Q4_K
-# weights are repacked for this CPU and those kernels round differently for different batch
-# sizes, so it holds there only with BATCH_INVARIANT (docs/architecture.md, "Batched decoding").
+# Greedy text must not change with N_PARALLEL. SmolLM2 holds with the defaults and with
+# FLASH_ATTN. Gemma's Q4_K weights are repacked for this CPU and those kernels round differently
+# for different batch sizes, so it holds there only with BATCH_INVARIANT (docs/architecture.md,
+# "Batched decoding").
+SMOL_REQUESTS = [greedy("Once upon a time"), greedy("The capital of France is"),
+                 GenerationRequest(None, CHAT[1:], 24, 0.0)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path,invariant,requests", [
-    (SMOL, False, [greedy("Once upon a time"), greedy("The capital of France is"),
-                   GenerationRequest(None, CHAT[1:], 24, 0.0)]),
-    (GEMMA, True, [greedy("Once upon a time"), greedy("The capital of France is"), greedy("List three colors:")]),
-], ids=["smollm2", "gemma-batch-invariant"])
-def test_greedy_text_of_the_real_models_is_the_same_for_one_and_four_slots(path, invariant, requests):
+@pytest.mark.parametrize("path,options,requests", [
+    (SMOL, {}, SMOL_REQUESTS),
+    (SMOL, {"flash_attn": True}, SMOL_REQUESTS),
+    (GEMMA, {"batch_invariant": True},
+     [greedy("Once upon a time"), greedy("The capital of France is"), greedy("List three colors:")]),
+], ids=["smollm2", "smollm2-flash-attn", "gemma-batch-invariant"])
+def test_greedy_text_of_the_real_models_is_the_same_for_one_and_four_slots(path, options, requests):
     if not path.is_file():
         pytest.skip("the real models are not in models/ (./scripts/test.sh fetches them)")
-    single = texts(path, 1, requests, n_ctx=512, batch_invariant=invariant)
+    single = texts(path, 1, requests, n_ctx=512, **options)
     assert all(single)
-    assert texts(path, 4, requests, n_ctx=512, batch_invariant=invariant) == single
+    assert texts(path, 4, requests, n_ctx=512, **options) == single
 
 
 def _eventually(condition, timeout: float = 10.0) -> None:
