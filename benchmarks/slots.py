@@ -10,16 +10,21 @@ the throughput workload's client and arithmetic, nothing else. Run alone with
 from __future__ import annotations
 
 import math
+import threading
+import time
 from pathlib import Path
 
 
 from benchmarks import workloads
-from benchmarks.client import median
+from benchmarks.client import PROMPT, complete, median
 from benchmarks.systems import LlamaServerRouter, ModelSwap, System, _worker_thread_flags
 from model_swap.testing import ServiceProcess
 
 SLOT_COUNTS = (1, 4, 8)
 STREAMS = (1, 8)
+BUSY_STREAMS = 7  # a joining request finds this many streams decoding
+JOIN_PROMPT = "Hi"  # short: its TTFT is the wait for a step, not its prompt's evaluation
+JOIN_AFTER_S = 0.3  # the busy streams have started generating by then
 
 
 class ModelSwapSlots(ModelSwap):
@@ -91,15 +96,40 @@ def measure(models: list[Path], workdir: Path, threads: int, tokens: int, reps: 
                     kept = row.setdefault(f"streams_{streams}", {**run, "tokens_per_s": [], "tokens": []})
                     kept["tokens_per_s"] += run["tokens_per_s"]
                     kept["tokens"] += run["tokens"]
+            for system, row in running:  # untimed by the bar: a few requests
+                if row["status"] == "ok":
+                    ttft = row.setdefault("ttft", {"idle_s": [], "joining_s": []})
+                    idle, joining = _joining_ttft(system, system.model_id(models[0]), tokens)
+                    ttft["idle_s"].append(idle)
+                    ttft["joining_s"].append(joining)
     finally:
         for system, _ in running:
             system.stop()
     return {"model": models[0].name, "tokens_per_stream": tokens, "rows": rows}
 
 
+def _joining_ttft(system: System, model: str, tokens: int) -> tuple[float, float]:
+    """TTFT of a short request on the idle model, then joining BUSY_STREAMS streams of `tokens` tokens."""
+    idle = complete(system.url, model, 4, JOIN_PROMPT)
+    busy = [threading.Thread(target=complete, args=(system.url, model, tokens, f"({i}) {PROMPT}"))
+            for i in range(BUSY_STREAMS)]
+    for t in busy:
+        t.start()
+    time.sleep(JOIN_AFTER_S)
+    joining = complete(system.url, model, 4, JOIN_PROMPT)
+    for t in busy:
+        t.join()
+    nan = math.nan
+    return (idle.ttft_s if idle.ok else nan), (joining.ttft_s if joining.ok else nan)
+
+
 def _rate(row: dict, streams: int) -> float:
     run = row.get(f"streams_{streams}")
     return median(run["tokens_per_s"]) if run else math.nan
+
+
+def _seconds(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3f} s"
 
 
 def section(result: dict | None) -> str:
@@ -114,11 +144,16 @@ def section(result: dict | None) -> str:
         return "n/a" if math.isnan(value) else f"{value:.1f}{suffix}" if not suffix else f"{value:.2f}{suffix}"
 
     lines = [f"{result['model']}, {result['tokens_per_stream']} tokens per stream, median tok/s over the "
-             "repetitions.\n",
-             "| configuration | 1 stream | 8 streams | 8 ÷ 1 stream | 8 streams ÷ llama-server -np 8 | status |",
-             "|---|---|---|---|---|---|"]
+             f"repetitions. TTFT of a short prompt on the idle model, and joining {BUSY_STREAMS} streams "
+             f"{JOIN_AFTER_S:g} s after they were sent (medians).\n",
+             "| configuration | 1 stream | 8 streams | 8 ÷ 1 stream | 8 streams ÷ llama-server -np 8 | TTFT idle | "
+             "TTFT joining | joining ÷ idle | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         one, eight = _rate(r, 1), _rate(r, 8)
+        ttft = r.get("ttft") or {}
+        idle, joining = (median([v for v in ttft.get(k, []) if not math.isnan(v)]) for k in ("idle_s", "joining_s"))
         lines.append(f"| {r['label']} | {fmt(one)} | {fmt(eight)} | {fmt(eight / one if one else math.nan, '×')} | "
-                     f"{fmt(eight / server_8 if server_8 else math.nan, '×')} | {r['status']} |")
+                     f"{fmt(eight / server_8 if server_8 else math.nan, '×')} | {_seconds(idle)} | "
+                     f"{_seconds(joining)} | {fmt(joining / idle if idle else math.nan, '×')} | {r['status']} |")
     return "\n".join(lines) + "\n"
