@@ -26,7 +26,7 @@ try:
 except ImportError:  # the suite's own dependencies are an extra: say which
     sys.exit("python -m benchmarks needs the bench extra: pip install -e '.[bench]'")
 
-from benchmarks import mixed, report, transfer, workloads
+from benchmarks import mixed, report, slots, transfer, workloads
 from benchmarks.systems import System, all_systems
 
 log = logging.getLogger("benchmarks")
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MODELS = [REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf", REPO / "models" / "gemma-3-270m-q4_k_m.gguf"]
 
 
-WORKLOADS = ("warm_swap", "no_swap", "throughput", "cold_swap", "transfer", "memory", "mixed")
+WORKLOADS = ("warm_swap", "no_swap", "throughput", "cold_swap", "transfer", "memory", "mixed", "slots")
 NEEDS_FLOORS = {"warm_swap", "no_swap", "throughput", "cold_swap", "memory"}
 
 
@@ -75,6 +75,8 @@ class Plan:
                "memory": self.memory_swaps, "mixed": 1}
         if system.can_cold_swap:
             per.update(cold_swap=2 * self.reps, transfer=self.transfer_reps)
+        if system.key == report.SELF:
+            per["slots"] = slots.steps(self.throughput_reps)
         return sum(per.get(w, 0) for w in self.workloads)
 
 
@@ -143,6 +145,8 @@ def run_system(system: System, models: list[Path], workdir: Path, plan: Plan, th
                                                  tick))) if system.can_cold_swap else ()),
         ("memory", lambda: workloads.memory(system, ids[:2], plan.memory_swaps, tick)),
         ("mixed", lambda: _mixed(system, ids, plan, tick)),
+        *((("slots", lambda: slots.measure(models, workdir, threads, plan.stream_tokens, plan.throughput_reps, tick)),)
+          if system.key == report.SELF else ()),
     ]
     steps = [(name, step) for name, step in steps
              if name in plan.workloads or (name.startswith("throughput_") and "throughput" in plan.workloads)]

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks import slots
 from benchmarks.client import median, percentile
 
 SELF = "model-swap"
@@ -238,6 +239,7 @@ def markdown(results: dict) -> str:
         "\n\nPeers have no cold swap: their files are already on their own disk, so nothing is transferred.\n",
         "\n## Mixed load\n\n", _mixed_section(results) or "model-swap did not run.\n",
         "\n## Transfer (workload 7)\n\n", _transfer_section(results) or "model-swap did not run.\n",
+        "\n## Parallel slots (workload 8)\n\n", slots.section((results["systems"].get(SELF) or {}).get("slots")),
     ]
     return "".join(parts)
 

@@ -20,14 +20,16 @@ from model_swap.web import install_request_logging
 log = logging.getLogger("inference_worker")
 
 
-def _build_registry(config: WorkerConfig) -> ModelRegistry:
+def _build_registry(config: WorkerConfig, metrics: WorkerMetrics) -> ModelRegistry:
     budget = (Budget(config.memory_budget_bytes, "MEMORY_BUDGET_BYTES") if config.memory_budget_bytes is not None
               else detect_budget())
     log.info("memory budget %d bytes (%.2f GiB), %s; at most %d models loaded", budget.bytes, budget.bytes / (1 << 30),
              budget.source, config.max_loaded_models)
     prepare_llama()
-    settings = LlamaSettings(config.n_ctx, config.n_gpu_layers, config.n_threads, config.n_threads_batch)
-    return ModelRegistry(settings, budget, config.max_loaded_models, config.unload_drain_timeout_s)
+    settings = LlamaSettings(config.n_ctx, config.n_gpu_layers, config.n_threads, config.n_threads_batch,
+                             config.n_parallel, config.batch_invariant, config.flash_attn)
+    return ModelRegistry(settings, budget, config.max_loaded_models, config.unload_drain_timeout_s,
+                         on_step=metrics.observe_step)
 
 
 def create_app(config: WorkerConfig, registry: ModelRegistry | None = None) -> Flask:
@@ -35,11 +37,12 @@ def create_app(config: WorkerConfig, registry: ModelRegistry | None = None) -> F
     app = Flask(__name__)
     cache = ModelCache(config.cache_dir, config.max_model_bytes, config.reserve_disk_bytes)
     cache.remove_partial_files()
+    metrics = WorkerMetrics()
     app.extensions["worker"] = {
         "config": config,
         "cache": cache,
-        "registry": registry or _build_registry(config),
-        "metrics": WorkerMetrics(),
+        "registry": registry or _build_registry(config, metrics),
+        "metrics": metrics,
         "boot_id": uuid.uuid4().hex,  # changes at every start: a client can tell a restarted worker
     }
     register_error_handlers(app)
@@ -55,6 +58,6 @@ def create_app(config: WorkerConfig, registry: ModelRegistry | None = None) -> F
         from inference_worker.rdma_listener import start_rdma_listener
 
         app.extensions["worker"]["rdma"] = start_rdma_listener(config, cache, app.extensions["worker"]["metrics"])
-    log.info("worker ready: cache=%s token=%s n_threads=%d n_threads_batch=%d", cache.root,
-             "set" if config.token else "none", config.n_threads, config.n_threads_batch)
+    log.info("worker ready: cache=%s token=%s n_threads=%d n_threads_batch=%d n_parallel=%d", cache.root,
+             "set" if config.token else "none", config.n_threads, config.n_threads_batch, config.n_parallel)
     return app

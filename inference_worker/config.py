@@ -15,6 +15,7 @@ from model_swap.config import ConfigError, parse_number, parse_optional_number
 GIB = 1 << 30
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 AUTO = "auto"
+MAX_PARALLEL = 64  # far beyond what a CPU gains from (8 slots already saturate two cores); llama.cpp allows 256
 
 
 def usable_cores() -> int:
@@ -33,6 +34,9 @@ class WorkerConfig:
     allow_insecure: bool = False
     n_gpu_layers: int = -1
     n_ctx: int = 2048
+    n_parallel: int = 4  # streams decoded together per model; 1 keeps the single-stream engine
+    batch_invariant: bool = False
+    flash_attn: bool = False
     n_threads: int = field(default_factory=usable_cores)
     n_threads_batch: int = field(default_factory=usable_cores)
     memory_budget_bytes: int | None = None  # None: chosen at start (memory.detect_budget)
@@ -52,6 +56,8 @@ class WorkerConfig:
             raise ConfigError(f"rdma port must be 1-65535, got {self.rdma_port}")
         if self.n_ctx < 16:
             raise ConfigError(f"n_ctx must be at least 16, got {self.n_ctx}")
+        if not 1 <= self.n_parallel <= MAX_PARALLEL:
+            raise ConfigError(f"N_PARALLEL must be 1-{MAX_PARALLEL}, got {self.n_parallel}")
         if self.n_threads < 1 or self.n_threads_batch < 1:
             raise ConfigError("N_THREADS and N_THREADS_BATCH must be at least 1")
         if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
@@ -109,6 +115,15 @@ def _build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
                "allow a non-loopback bind without a token")
     flag("--n-gpu-layers", "N_GPU_LAYERS", d.n_gpu_layers, "layers to offload to a GPU (-1: all; a CPU build ignores it)")
     flag("--n-ctx", "N_CTX", d.n_ctx, "context length in tokens of every loaded model")
+    flag("--n-parallel", "N_PARALLEL", d.n_parallel,
+         "streams of one model decoded together in one batch, each with its own N_CTX of KV cache; "
+         "1: one generation per model at a time, on the single-stream engine")
+    add_switch(parser, env, "--batch-invariant", "BATCH_INVARIANT",
+               "load weights without llama.cpp's CPU repacking, so a greedy stream's text is the same whatever "
+               "N_PARALLEL and whatever shares its batch (slower for models whose weights get repacked)")
+    add_switch(parser, env, "--flash-attn", "FLASH_ATTN",
+               "llama.cpp's flash attention in both engines: faster for several streams, other rounding than "
+               "without (BATCH_INVARIANT turns it off)")
     flag("--n-threads", "N_THREADS", cores,
          "llama.cpp threads per generation; the default is every core this process may use")
     flag("--n-threads-batch", "N_THREADS_BATCH", cores,
@@ -144,6 +159,9 @@ def load_worker_config(argv: Sequence[str] | None = None, env: Mapping[str, str]
         allow_insecure=args.insecure_no_token,
         n_gpu_layers=parse_number(args.n_gpu_layers, "N_GPU_LAYERS"),
         n_ctx=parse_number(args.n_ctx, "N_CTX"),
+        n_parallel=parse_number(args.n_parallel, "N_PARALLEL"),
+        batch_invariant=args.batch_invariant,
+        flash_attn=args.flash_attn,
         n_threads=parse_number(args.n_threads, "N_THREADS"),
         n_threads_batch=parse_number(args.n_threads_batch, "N_THREADS_BATCH"),
         memory_budget_bytes=budget,

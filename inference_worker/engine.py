@@ -57,14 +57,21 @@ def prepare_llama() -> None:
 
 
 def open_llama(path: Path, n_ctx: int, n_gpu_layers: int, n_threads: int, n_threads_batch: int,
-               logits_all: bool = False):
+               logits_all: bool = False, repack_weights: bool = True, flash_attn: bool = False):
     """Open a model with llama.cpp; the caller must close() it. logits_all keeps every position's
-    logits, which logprobs need (and which costs memory, so only models configured for it pay)."""
+    logits, which logprobs need (and which costs memory, so only models configured for it pay).
+    repack_weights=False loads the weights as the batched engine does with BATCH_INVARIANT;
+    flash_attn is FLASH_ATTN."""
     # Imported here so the package imports (and most tests run) quickly.
     from llama_cpp import Llama
 
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
-                 n_threads_batch=n_threads_batch, logits_all=logits_all, verbose=False)
+    kwargs = dict(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, n_threads=n_threads,
+                  n_threads_batch=n_threads_batch, logits_all=logits_all, flash_attn=flash_attn, verbose=False)
+    if repack_weights:
+        return Llama(**kwargs)
+    from inference_worker.batch_prompt import RepackChoiceLlama
+
+    return RepackChoiceLlama(**kwargs, repack_weights=False)
 
 
 def llama_model_bytes(llm) -> int | None:

@@ -22,6 +22,9 @@ LOGIT_BYTES = 4  # llama-cpp-python keeps logits as float32
 # a part per vocabulary token (the vocabulary's tables, logits rows, repacked output weights).
 CONTEXT_FIXED_BYTES = 3 * MIB
 CONTEXT_BYTES_PER_VOCAB_TOKEN = 256
+# A batched model's host Llama (batch_prompt.HostLlama) keeps a context of its own that it never
+# generates with, as small as llama.cpp allows (it rounds the cells up to KV_CELL_PADDING).
+HOST_N_CTX = 32
 AUTO_FRACTION = 0.8  # of the memory available at start: the rest is for the OS, Python and prompts
 GPU_RESERVE_FRACTION = 0.1  # of the device's total memory, kept for other processes and drivers
 
@@ -77,15 +80,21 @@ def vocabulary_size(header: GgufHeader) -> int:
     return size if isinstance(size, int) else 0
 
 
-def estimate_model_memory(header: GgufHeader, n_ctx: int, logits_all: bool = False) -> MemoryEstimate:
-    """Weights at their quantization + KV cache for n_ctx + the context's own allowance, and with
-    logits_all the n_ctx × vocabulary table of float32 logits that fills as the context does."""
+def estimate_model_memory(header: GgufHeader, n_ctx: int, logits_all: bool = False,
+                          n_parallel: int = 1) -> MemoryEstimate:
+    """Weights at their quantization + KV cache for n_parallel slots of n_ctx + the context's own
+    allowance, and with logits_all the n_ctx × vocabulary table of float32 logits that fills as the
+    context does."""
     vocab = vocabulary_size(header)
     context = CONTEXT_FIXED_BYTES + CONTEXT_BYTES_PER_VOCAB_TOKEN * vocab
     # Untouched right after the load (numpy leaves it unwritten), so it is charged before it is
     # resident: a model used for logprobs must not push the others past the budget later.
     logits = n_ctx * vocab * LOGIT_BYTES if logits_all else 0
-    return MemoryEstimate(header.tensor_bytes, kv_cache_bytes(header, n_ctx), context, logits)
+    # Each slot has its own n_ctx cells (kv_unified off), each rounded up as llama.cpp does.
+    kv = n_parallel * kv_cache_bytes(header, n_ctx)
+    if n_parallel > 1:  # a batched model: the host Llama's tiny context too
+        kv += kv_cache_bytes(header, HOST_N_CTX)
+    return MemoryEstimate(header.tensor_bytes, kv, context, logits)
 
 
 def process_rss_bytes() -> int:

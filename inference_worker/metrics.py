@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
 
+from inference_worker.batch_stream import StepInfo
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+
+TOKEN_RATE_WINDOW_S = 10.0
 
 
 class WorkerMetrics:
@@ -31,7 +36,34 @@ class WorkerMetrics:
         self.memory_used = Gauge("worker_memory_used_bytes", "Bytes the resident models count against the budget",
                                  registry=r)
         self.memory_budget = Gauge("worker_memory_budget_bytes", "Bytes resident models may take", registry=r)
+        self.slots = Gauge("worker_batch_slots", "A batched model's slots: in use, free, and requests queued for one",
+                           ["model", "state"], registry=r)
+        self.batch_size = Histogram("worker_batch_step_sequences", "Streams decoded together per llama_decode step",
+                                    ["model"], buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)
+        self.batch_tokens = Counter("worker_batch_tokens_generated", "Tokens sampled by a batched model's decode loop",
+                                    ["model"], registry=r)
+        self.tokens_per_second = Gauge("worker_batch_tokens_per_second", "Tokens a batched model sampled per second "
+                                       f"over the last {TOKEN_RATE_WINDOW_S:g} s", ["model"], registry=r)
+        self._recent: dict[str, deque] = {}  # model -> (time, tokens) per step within the window
+        self._recent_lock = threading.Lock()
         self._scrape_lock = threading.Lock()  # one scrape at a time: each clears and refills the gauges
+
+    def observe_step(self, model: str, step: StepInfo) -> None:
+        """One decode step of a batched model (called on its decode thread: cheap)."""
+        self.batch_size.labels(model).observe(step.sequences)
+        self.batch_tokens.labels(model).inc(step.generated)
+        now = time.monotonic()
+        with self._recent_lock:
+            recent = self._recent.setdefault(model, deque())
+            recent.append((now, step.generated))
+            while recent and recent[0][0] < now - TOKEN_RATE_WINDOW_S:
+                recent.popleft()
+
+    def _token_rate(self, model: str) -> float:
+        now = time.monotonic()
+        with self._recent_lock:
+            recent = self._recent.get(model, ())
+            return sum(n for t, n in recent if t >= now - TOKEN_RATE_WINDOW_S) / TOKEN_RATE_WINDOW_S
 
     def exposition(self, models: list[dict], memory: dict) -> bytes:
         """The text format, with the residency gauges set from the registry's snapshot."""
@@ -40,7 +72,7 @@ class WorkerMetrics:
             return generate_latest(self.registry)
 
     def _refresh_residency(self, models: list[dict], memory: dict) -> None:
-        for gauge in (self.loaded, self.model_memory, self.generations):
+        for gauge in (self.loaded, self.model_memory, self.generations, self.slots, self.tokens_per_second):
             gauge.clear()  # unloaded models drop out
         for m in models:
             self.loaded.labels(m["name"]).set(1)
@@ -48,5 +80,13 @@ class WorkerMetrics:
             self.model_memory.labels(m["name"], "estimated").set(m["estimated_bytes"])
             self.generations.labels(m["name"], "active").set(m["active"])
             self.generations.labels(m["name"], "waiting").set(m["waiting"])
+            if "slots" in m:
+                self.slots.labels(m["name"], "active").set(m["slots"]["active"])
+                self.slots.labels(m["name"], "free").set(m["n_parallel"] - m["slots"]["active"])
+                self.slots.labels(m["name"], "queued").set(m["slots"]["queued"])
+                self.tokens_per_second.labels(m["name"]).set(self._token_rate(m["name"]))
+        with self._recent_lock:  # forget unloaded models' steps
+            for name in set(self._recent) - {m["name"] for m in models}:
+                del self._recent[name]
         self.memory_used.set(memory["used_bytes"])
         self.memory_budget.set(memory["budget_bytes"])

@@ -5,7 +5,9 @@ Locks (docs/architecture.md, "Threads and locks", says why):
   for bookkeeping, never across a llama.cpp call or while waiting for a turn.
 - `_lifecycle` lets one llama.cpp constructor or close() run at a time; the budget check and
   the insertion of the new record happen under it, so two loads never share the last bytes.
-- each record's `turn` is held by one generation of that model for its whole stream.
+- each record's `turn` is held by one generation of that model for its whole stream, on the
+  single-stream engine; a batched model (N_PARALLEL > 1) has no turn: its decode loop admits
+  requests into slots (inference_worker/batch_loop.py) and `active` counts them until released.
 Order: `_lifecycle` before `_cond`; a turn is never held while taking `_lifecycle`.
 """
 
@@ -19,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from inference_worker.batch_generation import BatchedGeneration
+from inference_worker.batch_stream import StepInfo
+from inference_worker.batching import BatchedModel
 from inference_worker.chat_templates import ChatTemplate, choose_chat_template
 from inference_worker.engine import FairLock, Generation, llama_model_bytes, open_llama
 from inference_worker.memory import (Budget, MemoryEstimate, estimate_model_memory, process_rss_bytes,
@@ -45,7 +50,7 @@ class LoadedModel:
 
     name: str
     identity: tuple[int, int, int] | None  # which file it came from: a re-sent file is loaded anew
-    llm: object
+    llm: object  # a llama_cpp.Llama, or a BatchedModel
     estimate: MemoryEstimate
     measured_bytes: int  # the process's RSS change across the load
     llama_model_bytes: int | None
@@ -64,6 +69,10 @@ class LoadedModel:
         return self.unload_requests > 0
 
     @property
+    def batched(self) -> BatchedModel | None:
+        return self.llm if isinstance(self.llm, BatchedModel) else None
+
+    @property
     def busy(self) -> bool:
         return self.active + self.waiting > 0
 
@@ -79,7 +88,14 @@ class LoadedModel:
                 "estimate": {"weights_bytes": self.estimate.weights, "kv_cache_bytes": self.estimate.kv_cache,
                              "context_bytes": self.estimate.context, "logits_bytes": self.estimate.logits},
                 "llama_model_bytes": self.llama_model_bytes, "n_ctx": self.n_ctx, "chat_template": self.chat.label,
-                "settings": self.settings.to_json()}
+                "settings": self.settings.to_json(), **self._slots_json()}
+
+    def _slots_json(self) -> dict:
+        batched = self.batched
+        if batched is None:
+            return {"n_parallel": 1}
+        stats = batched.stats()
+        return {"n_parallel": stats.n_parallel, "slots": {"active": stats.active, "queued": stats.queued}}
 
 
 @dataclass(frozen=True)
@@ -101,19 +117,24 @@ class LlamaSettings:
     n_gpu_layers: int
     n_threads: int
     n_threads_batch: int
+    n_parallel: int = 1  # above 1, each model is a BatchedModel with this many slots
+    batch_invariant: bool = False  # weights never repacked, so greedy text does not depend on the batch
+    flash_attn: bool = False  # llama.cpp's flash attention in both engines (off under batch_invariant)
 
 
 class ModelRegistry:
     """Loads models alongside each other within a budget and a count; never picks a victim."""
 
     def __init__(self, settings: LlamaSettings, budget: Budget, max_loaded_models: int, drain_timeout_s: float,
-                 open_model: Callable = open_llama, clock: Callable[[], float] = time.time):
+                 open_model: Callable = open_llama, clock: Callable[[], float] = time.time,
+                 on_step: Callable[[str, StepInfo], None] | None = None):
         self.settings = settings
         self.budget = budget
         self.max_loaded_models = max_loaded_models
         self.drain_timeout_s = drain_timeout_s
         self._open_model = open_model
         self._clock = clock
+        self._on_step = on_step  # called on a batched model's decode thread after each step (metrics)
         self._cond = threading.Condition()
         self._lifecycle = threading.Lock()
         self._models: dict[str, LoadedModel] = {}
@@ -150,7 +171,8 @@ class ModelRegistry:
         if it does not fit."""
         identity = _file_identity(path)
         n_ctx = settings.n_ctx or self.settings.n_ctx
-        estimate = self._estimate(name, path, identity, n_ctx, settings.logprobs)
+        n_parallel = self._parallel(settings)
+        estimate = self._estimate(name, path, identity, n_ctx, settings.logprobs, n_parallel)
         while True:
             with self._cond:
                 current = self._models.get(name)
@@ -170,16 +192,23 @@ class ModelRegistry:
                     self._check_room(name, estimate.total)
                 return self._open(name, path, identity, estimate, settings, n_ctx)
 
-    def _estimate(self, name: str, path: Path, identity, n_ctx: int, logits_all: bool) -> MemoryEstimate:
+    def _parallel(self, settings: ModelSettings) -> int:
+        """Slots for a model: N_PARALLEL, except 1 for a model loaded with logprobs (see below)."""
+        # The batched sampler does not compute logprobs: such a model keeps the single-stream
+        # engine, which serves its generations one at a time, with every feature.
+        return 1 if settings.logprobs else self.settings.n_parallel
+
+    def _estimate(self, name: str, path: Path, identity, n_ctx: int, logits_all: bool,
+                  n_parallel: int = 1) -> MemoryEstimate:
         """The file's memory estimate for this context, remembered per file version (Gemma's header
         takes ~60 ms)."""
-        key = (str(path), identity, n_ctx, logits_all)
+        key = (str(path), identity, n_ctx, logits_all, n_parallel)
         with self._cond:
             known = self._estimates.get(key)
         if known is not None:
             return known
         try:
-            estimate = estimate_model_memory(read_header(path), n_ctx, logits_all)
+            estimate = estimate_model_memory(read_header(path), n_ctx, logits_all, n_parallel)
         except (GgufError, OSError) as err:
             raise ApiError(422, "load_failed", f"{name} is not a loadable GGUF file: {err}") from err
         with self._cond:
@@ -212,15 +241,21 @@ class ModelRegistry:
         return_freed_memory()
         before = process_rss_bytes()
         started = time.perf_counter()
+        n_parallel = self._parallel(settings)
         try:
-            llm = self._open_model(path, n_ctx, n_gpu_layers, s.n_threads, s.n_threads_batch,
-                                   logits_all=settings.logprobs)
+            if n_parallel > 1:
+                llm = self._open_batched(name, path, n_ctx, n_parallel, n_gpu_layers)
+            else:
+                llm = self._open_model(path, n_ctx, n_gpu_layers, s.n_threads, s.n_threads_batch,
+                                       logits_all=settings.logprobs, repack_weights=not s.batch_invariant,
+                                       flash_attn=s.flash_attn and not s.batch_invariant)
         except Exception as err:
             return_freed_memory()
             log.warning("[registry] load of %s failed: %s", name, err)
             raise ApiError(422, "load_failed", f"llama.cpp could not load {name}: {err}") from err
+        vocab_llm = llm.host if isinstance(llm, BatchedModel) else llm  # tokenizer, metadata, template
         try:
-            chat = choose_chat_template(llm, settings.chat_template)
+            chat = choose_chat_template(vocab_llm, settings.chat_template)
         except Exception as err:  # a template that cannot apply fails the load: the model is no use without it
             llm.close()
             return_freed_memory()
@@ -229,13 +264,23 @@ class ModelRegistry:
         load_ms = (time.perf_counter() - started) * 1000
         now = self._clock()
         record = LoadedModel(name, identity, llm, estimate, max(0, process_rss_bytes() - before),
-                             llama_model_bytes(llm), now, now, settings, n_ctx, chat)
+                             llama_model_bytes(vocab_llm), now, now, settings, n_ctx, chat)
         with self._cond:
             self._models[name] = record
         log.info("[registry] loaded %s in %.1fms: estimated=%d measured=%d (llama.cpp model=%s) resident=%d "
-                 "n_ctx=%d chat_template=%s settings=%s", name, load_ms, estimate.total, record.measured_bytes,
-                 record.llama_model_bytes, len(self._models), n_ctx, chat.label, settings.to_json())
+                 "n_ctx=%d n_parallel=%d chat_template=%s settings=%s", name, load_ms, estimate.total,
+                 record.measured_bytes, record.llama_model_bytes, len(self._models), n_ctx, n_parallel, chat.label,
+                 settings.to_json())
         return LoadResult(name, load_ms, False, record.measured_bytes, estimate.total)
+
+    def _open_batched(self, name: str, path: Path, n_ctx: int, n_parallel: int, n_gpu_layers: int) -> BatchedModel:
+        s = self.settings
+        on_step = None if self._on_step is None else (lambda info, report=self._on_step: report(name, info))
+        # Flash attention as the single-stream engine opens its context (FLASH_ATTN, off by default):
+        # with it in one engine only, a stream's text differs from N_PARALLEL=1's (SmolLM2 here).
+        return BatchedModel(path, n_ctx_per_slot=n_ctx, n_parallel=n_parallel, n_threads=s.n_threads,
+                            n_threads_batch=s.n_threads_batch, n_gpu_layers=n_gpu_layers, flash_attn=s.flash_attn,
+                            batch_invariant=s.batch_invariant, on_step=on_step, name=name)
 
     # --- unloading -----------------------------------------------------------------------
 
@@ -289,7 +334,11 @@ class ModelRegistry:
     def _close(self, record: LoadedModel) -> None:
         started = time.perf_counter()
         try:
-            record.llm.close()
+            if record.batched is not None:
+                # Its generations were released; a closed stream's slot is freed at the loop's next step.
+                record.batched.close(self.drain_timeout_s)
+            else:
+                record.llm.close()
         finally:
             return_freed_memory()
         log.info("[registry] unloaded %s in %.1fms (resident=%d)", record.name,
@@ -298,11 +347,16 @@ class ModelRegistry:
     # --- generating ----------------------------------------------------------------------
 
     def begin(self, model: str | None) -> Generation:
-        """Wait for this request's turn on `model` (in arrival order) and hand out its Llama."""
+        """Wait for this request's turn on `model` (in arrival order) and hand out its Llama; on a
+        batched model, hand out a generation that will queue for a slot."""
         with self._cond:
             record = self._resolve(model)
             if record.unloading:
                 raise ApiError(409, "model_unloading", f"{record.name} is being unloaded")
+            if record.batched is not None:
+                record.active += 1
+                return BatchedGeneration(record.batched, record.name, record.n_ctx,
+                                         lambda: self._end_batched(record), record.chat)
             record.waiting += 1
         record.turn.acquire()
         with self._cond:
@@ -325,6 +379,13 @@ class ModelRegistry:
             raise ApiError(409, "model_not_loaded",
                            f"{model} is not loaded (loaded: {', '.join(self._models) or 'none'})")
         return record
+
+    def _end_batched(self, record: LoadedModel) -> None:
+        """A batched generation is over or abandoned; a draining unload may proceed."""
+        with self._cond:
+            record.active -= 1
+            record.last_used = self._clock()
+            self._cond.notify_all()
 
     def _end(self, record: LoadedModel) -> None:
         """A generation is over: its turn passes on, and a draining unload may proceed."""

@@ -67,6 +67,15 @@ def test_quick_run_with_tiny_models_writes_a_well_formed_report(make_model, tmp_
     missing = next(r for r in systems if r[0].startswith("llama-server router"))
     assert missing[1].startswith("not run:") and "build_llama_server.sh" in missing[1]
 
+    # Workload 8: the worker with 1, 4 and 8 slots, each measured; llama-server -np 8 says why it did not run.
+    slot_rows = _table(report, "configuration")[2:]
+    assert [r[0] for r in slot_rows] == [f"model-swap, N_PARALLEL={n}" for n in (1, 4, 8)] + [
+        "model-swap, N_PARALLEL=8, FLASH_ATTN=1", "llama-server router, models-max 1"]
+    for row in slot_rows[:4]:
+        assert re.fullmatch(r"\d+\.\d", row[1]) and re.fullmatch(r"\d+\.\d", row[2]) and row[8] == "ok", row
+        assert re.fullmatch(r"\d+\.\d+ s", row[5]) and re.fullmatch(r"\d+\.\d+ s", row[6]), row  # TTFT idle, joining
+    assert slot_rows[4][8].startswith("not run:") and slot_rows[4][4] == "n/a"
+
     assert (out / "bench.png").read_bytes()[:8] == PNG_MAGIC
     results = json.loads((out / "bench.json").read_text())
     own = results["systems"]["model-swap"]

@@ -19,8 +19,9 @@ CHAT = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 N_CTX = 256
 
 
-def _registry(budget: int = 1 << 40) -> ModelRegistry:
-    return ModelRegistry(LlamaSettings(n_ctx=N_CTX, n_gpu_layers=0, n_threads=1, n_threads_batch=1),
+def _registry(budget: int = 1 << 40, n_parallel: int = 1) -> ModelRegistry:
+    return ModelRegistry(LlamaSettings(n_ctx=N_CTX, n_gpu_layers=0, n_threads=1, n_threads_batch=1,
+                                       n_parallel=n_parallel),
                          Budget(budget, "test"), max_loaded_models=3, drain_timeout_s=10.0)
 
 
@@ -29,9 +30,10 @@ def tiny(make_model, tmp_path):
     return make_model(tmp_path, "a.gguf", seed=1)
 
 
-@pytest.fixture
-def engine():
-    registry = _registry()
+# Every feature holds on both engines: the single-stream one (N_PARALLEL=1) and batched slots.
+@pytest.fixture(params=[1, 4], ids=["single-stream", "four-slots"])
+def engine(request):
+    registry = _registry(n_parallel=request.param)
     yield registry
     registry.unload_all()
 

@@ -19,6 +19,7 @@ def test_defaults():
     usable = len(os.sched_getaffinity(0))
     assert (c.n_threads, c.n_threads_batch) == (usable, usable)
     assert (c.memory_budget_bytes, c.max_loaded_models, c.unload_drain_timeout_s) == (None, 3, 30.0)
+    assert (c.n_parallel, c.batch_invariant, c.flash_attn) == (4, False, False)
 
 
 def test_environment_and_flags():
@@ -29,6 +30,10 @@ def test_environment_and_flags():
     assert (c.n_threads, c.n_threads_batch, c.memory_budget_bytes) == (3, 5, 1_000_000)
     assert (c.max_loaded_models, c.unload_drain_timeout_s) == (2, 1.5)
     assert load_worker_config(["--memory-budget-bytes", "AUTO"], env=env).memory_budget_bytes is None
+    assert load_worker_config([], env={"N_PARALLEL": "8"}).n_parallel == 8
+    assert load_worker_config(["--n-parallel", "1"], env={"N_PARALLEL": "8"}).n_parallel == 1
+    switches = load_worker_config([], env={"BATCH_INVARIANT": "1", "FLASH_ATTN": "1"})
+    assert (switches.batch_invariant, switches.flash_attn) == (True, True)
 
 
 @pytest.mark.parametrize("argv,fragment", [
@@ -42,6 +47,9 @@ def test_environment_and_flags():
     (["--memory-budget-bytes", "lots"], "MEMORY_BUDGET_BYTES"),
     (["--max-loaded-models", "0"], "MAX_LOADED_MODELS"),
     (["--unload-drain-timeout-s", "-1"], "UNLOAD_DRAIN_TIMEOUT_S"),
+    (["--n-parallel", "0"], "N_PARALLEL"),
+    (["--n-parallel", "65"], "N_PARALLEL"),
+    (["--n-parallel", "two"], "N_PARALLEL"),
 ])
 def test_invalid_settings_refused(argv, fragment):
     with pytest.raises(ConfigError) as err:
@@ -63,9 +71,10 @@ def test_every_flag_has_a_description_default_and_variable():
 
 def test_settings_reach_the_registry(tmp_path):
     config = WorkerConfig(cache_dir=tmp_path, n_threads=1, n_threads_batch=2, memory_budget_bytes=12345,
-                          max_loaded_models=2, unload_drain_timeout_s=4.0, n_ctx=64)
+                          max_loaded_models=2, unload_drain_timeout_s=4.0, n_ctx=64, n_parallel=3)
     registry = create_app(config).extensions["worker"]["registry"]
     assert (registry.settings.n_threads, registry.settings.n_threads_batch, registry.settings.n_ctx) == (1, 2, 64)
+    assert registry.settings.n_parallel == 3
     assert (registry.budget.bytes, registry.max_loaded_models, registry.drain_timeout_s) == (12345, 2, 4.0)
 
 

@@ -91,9 +91,9 @@ def test_two_resident_models_serve_at_once_and_a_third_needs_room(services, make
 
 def test_budget_that_fits_one_model_refuses_the_second(services, make_model, tmp_path):
     a, b = make_model(tmp_path / "src", "a.gguf", seed=21), make_model(tmp_path / "src", "b.gguf", seed=22)
-    need = estimate_model_memory(read_header(a), 512).total
+    need = estimate_model_memory(read_header(a), 512, n_parallel=4).total  # four slots of 512 cells each
     budget = int(need * 1.5)
-    worker = services.worker(extra=["--memory-budget-bytes", str(budget), "--n-ctx", "512"])
+    worker = services.worker(extra=["--memory-budget-bytes", str(budget), "--n-ctx", "512", "--n-parallel", "4"])
     cache(worker, a)
     cache(worker, b)
     assert load(worker, "a.gguf").status_code == 200
