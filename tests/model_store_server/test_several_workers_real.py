@@ -111,8 +111,9 @@ def test_two_workers_keep_their_models_survive_a_store_restart_and_a_killed_work
 def test_a_burst_on_one_model_places_a_second_replica_then_the_copies_leave(services, make_model, tmp_path):
     models = tmp_path / "models"
     make_model(models, "a.gguf", seed=1)
-    workers = [services.worker(cache_dir=tmp_path / f"cache{i}", extra=["--max-loaded-models", "1"])
-               for i in range(3)]
+    # One stream at a time per model (N_PARALLEL=1): the queue that calls for a replica builds at once.
+    workers = [services.worker(cache_dir=tmp_path / f"cache{i}",
+                               extra=["--max-loaded-models", "1", "--n-parallel", "1"]) for i in range(3)]
     store = start_store(services, models, workers, extra=["--keep-alive-seconds", "3"])
     slow = {"max_tokens": 200}
     first = ask(store, "a.gguf", **slow)
