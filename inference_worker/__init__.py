@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
 import uuid
+
+# llama.cpp's CPU backend runs its threads on libgomp, which reads these when llama.cpp loads, so
+# they are set before any module here imports llama_cpp; a value the user exported wins. With one
+# decode thread per loaded model (and request threads) the worker manages more OpenMP threads than
+# cores, and libgomp then spins only 100 rounds before putting a thread to sleep between ops: one
+# stream fell from about 125 to 50 tok/s once a second model had been loaded. ACTIVE raises that to
+# 1000 rounds; GOMP_SPINCOUNT keeps the spin of an unthrottled team at libgomp's default (~3 ms)
+# rather than ACTIVE's minutes, so an idle worker does not burn its cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "300000")
 
 from flask import Flask
 
