@@ -26,14 +26,6 @@ def worker_loaded(worker) -> list[str]:
 
 
 @pytest.fixture
-def models_dir(make_model, tmp_path):
-    d = tmp_path / "store-models"
-    for seed, name in enumerate(["a.gguf", "b.gguf", "c.gguf"], start=1):
-        make_model(d, name, seed=seed)
-    return d
-
-
-@pytest.fixture
 def multi_worker(services):
     """start(max_loaded) -> a worker holding up to max_loaded models; skips on a one-model worker."""
     def start(max_loaded: int):

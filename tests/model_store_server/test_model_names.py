@@ -9,22 +9,12 @@ REAL = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, _tiny_model_pool):
+def store(module_services, module_model, tmp_path_factory):
     """One worker and store for the module: wrong names change nothing."""
-    import shutil
-
-    from model_swap.testing import ServiceProcess
-
-    tmp = tmp_path_factory.mktemp("names")
-    (tmp / "models").mkdir()
+    models = tmp_path_factory.mktemp("names") / "models"
     for seed, name in enumerate(["a.gguf", REAL, "gemma-3-270m-q4_k_m.gguf"], start=1):
-        shutil.copyfile(_tiny_model_pool(seed, None), tmp / "models" / name)  # tiny stand-ins, real names
-    worker = ServiceProcess("inference_worker", ["--cache-dir", str(tmp / "cache")], tmp / "worker.log").start()
-    store = ServiceProcess("model_store_server", ["--models-dir", str(tmp / "models"), "--worker-url", worker.url],
-                           tmp / "store.log").start()
-    yield store
-    store.stop()
-    worker.stop()
+        module_model(models, name, seed=seed)  # tiny stand-ins, real names
+    return module_services.store(models, module_services.worker())
 
 
 @pytest.mark.parametrize("path,body,status,code,closest", [

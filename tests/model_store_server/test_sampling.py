@@ -9,21 +9,11 @@ openai = pytest.importorskip("openai")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, _tiny_model_pool):
+def store(module_services, module_model, tmp_path_factory):
     """One worker and store for the module; every request is for the same model, so nothing swaps."""
-    import shutil
-
-    from model_swap.testing import ServiceProcess
-
-    tmp = tmp_path_factory.mktemp("sampling")
-    (tmp / "models").mkdir()
-    shutil.copyfile(_tiny_model_pool(1, None), tmp / "models" / "a.gguf")
-    worker = ServiceProcess("inference_worker", ["--cache-dir", str(tmp / "cache")], tmp / "worker.log").start()
-    store = ServiceProcess("model_store_server", ["--models-dir", str(tmp / "models"), "--worker-url", worker.url],
-                           tmp / "store.log").start()
-    yield store
-    store.stop()
-    worker.stop()
+    models = tmp_path_factory.mktemp("sampling") / "models"
+    module_model(models, "a.gguf", seed=1)
+    return module_services.store(models, module_services.worker())
 
 
 @pytest.fixture

@@ -34,14 +34,6 @@ def metric(service, name):
 
 
 @pytest.fixture
-def models_dir(make_model, tmp_path):
-    d = tmp_path / "store-models"
-    for seed, name in enumerate(["a.gguf", "b.gguf", "c.gguf"], start=1):
-        make_model(d, name, seed=seed)
-    return d
-
-
-@pytest.fixture
 def worker(services):
     return services.worker(env=ONE_MODEL)
 

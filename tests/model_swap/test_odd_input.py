@@ -14,22 +14,13 @@ NESTED = '{"model": "a.gguf", "prompt": "hi", "x": ' + "[" * 100_000 + "]" * 100
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory, _tiny_model_pool):
+def pair(module_services, module_model, tmp_path_factory):
     """One worker and one store for the whole module: these requests change nothing."""
-    import shutil
-
-    from model_swap.testing import ServiceProcess
-
     tmp = tmp_path_factory.mktemp("odd-input")
-    (tmp / "models").mkdir()
-    shutil.copyfile(_tiny_model_pool(1, None), tmp / "models" / "a.gguf")
-    worker = ServiceProcess("inference_worker", ["--cache-dir", str(tmp / "cache")], tmp / "worker.log").start()
-    store = ServiceProcess("model_store_server", ["--models-dir", str(tmp / "models"), "--worker-url", worker.url],
-                           tmp / "store.log").start()
+    module_model(tmp / "models", "a.gguf", seed=1)
+    worker = module_services.worker(cache_dir=tmp / "cache")
     worker.cache_dir = tmp / "cache"
-    yield store, worker
-    store.stop()
-    worker.stop()
+    return module_services.store(tmp / "models", worker), worker
 
 
 def raw(url: str, data: bytes, half_close: bool = False) -> tuple[int, dict, bytes]:
