@@ -158,6 +158,19 @@ def write_tiny_gguf(path: str | os.PathLike[str], seed: int = 0, size_mb: float 
     return target
 
 
+def write_unloadable_gguf(path: str | os.PathLike[str]) -> pathlib.Path:
+    """Write a well-formed GGUF file whose architecture llama.cpp does not know: every header check
+    passes, and loading it fails."""
+    target = pathlib.Path(path)
+    writer = gguf.GGUFWriter(str(target), "no-such-architecture")
+    writer.add_tensor("t", np.zeros(8, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse and validate command-line arguments."""
     parser = argparse.ArgumentParser(prog="python -m inference_worker.testing.tiny_gguf", description=__doc__)

@@ -6,13 +6,12 @@ from __future__ import annotations
 import threading
 import time
 
-import gguf
-import numpy as np
 import pytest
 
 from inference_worker.engine import FairLock
 from inference_worker.memory import Budget, estimate_model_memory
 from inference_worker.registry import LlamaSettings, ModelRegistry
+from inference_worker.testing.tiny_gguf import write_unloadable_gguf
 from model_swap.errors import ApiError
 from model_swap.gguf import read_header
 from model_swap.web import GenerationRequest
@@ -166,17 +165,6 @@ def test_drain_timeout_is_model_busy_and_unloads_nothing(models):
         registry.unload_all()
 
 
-def _unknown_architecture(path):
-    """A well-formed GGUF file that llama.cpp refuses (no such architecture)."""
-    w = gguf.GGUFWriter(str(path), "nosucharch")
-    w.add_tensor("x", np.zeros(8, dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
 @pytest.mark.parametrize("kind", ["truncated", "refused_by_llama_cpp"])
 def test_failed_load_leaves_resident_models_serving(registry, models, tmp_path, kind):
     registry.load("a.gguf", models["a.gguf"])
@@ -185,7 +173,7 @@ def test_failed_load_leaves_resident_models_serving(registry, models, tmp_path, 
     if kind == "truncated":
         bad.write_bytes(models["b.gguf"].read_bytes()[:-1000])
     else:
-        _unknown_architecture(bad)
+        write_unloadable_gguf(bad)
     with pytest.raises(ApiError) as err:
         registry.load("bad.gguf", bad)
     assert (err.value.status, err.value.code) == (422, "load_failed")

@@ -7,6 +7,8 @@ import os
 
 import requests
 
+from inference_worker.testing.tiny_gguf import write_unloadable_gguf
+
 PROMPT = {"prompt": "hello", "max_tokens": 2}
 
 
@@ -96,17 +98,9 @@ def test_skipped_files_are_listed_as_unusable_and_logged_once(services, make_mod
 
 
 def test_a_model_the_worker_cannot_load_after_a_prefetch_gives_its_slot_back(services, make_model, tmp_path):
-    import gguf
-    import numpy as np
-
     models = tmp_path / "models"
     make_model(models, "a.gguf", seed=1)
-    writer = gguf.GGUFWriter(str(models / "alien.gguf"), "no-such-architecture")  # a valid file llama.cpp refuses
-    writer.add_tensor("t", np.zeros(8, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_unloadable_gguf(models / "alien.gguf")  # a valid file llama.cpp refuses
     worker = services.worker()
     store = services.store(models, worker, policy="no-evict", max_cache_size=2)
     r = requests.post(store.url + "/admin/prefetch", json={"model": "alien.gguf"}, timeout=60)

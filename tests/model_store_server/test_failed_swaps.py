@@ -7,6 +7,8 @@ import re
 import pytest
 import requests
 
+from inference_worker.testing.tiny_gguf import write_unloadable_gguf
+
 PROMPT = {"prompt": "hello", "max_tokens": 2}
 
 
@@ -14,17 +16,6 @@ def request_lines(store, endpoint="/user_request"):
     return [line for line in store.log().splitlines() if f"[{endpoint}]" in line]
 
 
-def write_unloadable(path):
-    """A sound GGUF file whose architecture llama.cpp does not know: it transfers, then fails to load."""
-    import gguf
-    import numpy as np
-
-    writer = gguf.GGUFWriter(str(path), "no-such-architecture")
-    writer.add_tensor("t", np.zeros(8, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 @pytest.fixture
@@ -32,7 +23,7 @@ def models_dir(make_model, tmp_path):
     d = tmp_path / "models"
     for seed, name in enumerate(["a.gguf", "b.gguf", "c.gguf"], start=1):
         make_model(d, name, seed=seed)
-    write_unloadable(d / "alien.gguf")
+    write_unloadable_gguf(d / "alien.gguf")
     return d
 
 
