@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -104,30 +103,20 @@ def test_list_shows_size_aliases_and_where_each_model_is(cli):
     assert code == 0 and '"where": "memory"' in out
 
 
-def test_ps_shows_memory_streams_keep_alive_and_disk(cli, stack):
+def test_ps_shows_memory_keep_alive_and_disk_after_a_stream(cli, stack):
+    """The figures come from the real worker; a stream still running shows as "in use" in
+    test_cli_views.py, where a fake worker can hold it open (a tiny model here may finish before ps asks)."""
     _, store = stack
     assert cli("load", "a.gguf")[0] == 0
-    started, done = threading.Event(), threading.Event()
-
-    def generate():
-        body = {"model": "a.gguf", "prompt": "count", "max_tokens": 1000, "temperature": 0}
-        with requests.post(store.url + "/user_request", json=body, headers=AUTH, stream=True, timeout=120) as r:
-            for _ in r.iter_content(None):
-                started.set()
-        done.set()
-
-    t = threading.Thread(target=generate)
-    t.start()
-    assert started.wait(30)
-    code, out, _ = cli("ps")
-    t.join(60)
-    assert code == 0 and done.is_set()
-    model, memory, streams, waiting, keep_alive = row(out, "a.gguf")
-    assert memory.endswith("MB") and (streams, waiting, keep_alive) == ("1", "0", "in use")
-    assert re.search(r"disk cache: a\.gguf \([\d.]+ MB\)", out)
+    body = {"model": "a.gguf", "prompt": "count", "max_tokens": 16, "temperature": 0}
+    with requests.post(store.url + "/user_request", json=body, headers=AUTH, stream=True, timeout=120) as r:
+        assert r.ok and r.content
     code, out, _ = cli("ps")  # the stream has ended: its keep-alive counts down
-    streams, waiting, keep_alive = row(out, "a.gguf")[2:]
-    assert (streams, waiting) == ("0", "0") and re.fullmatch(r"4m 5\ds|5m 0s", keep_alive)  # KEEP_ALIVE 300 s
+    assert code == 0
+    model, memory, streams, waiting, keep_alive = row(out, "a.gguf")
+    assert memory.endswith("MB") and (streams, waiting) == ("0", "0")
+    assert re.fullmatch(r"4m 5\ds|5m 0s", keep_alive)  # KEEP_ALIVE 300 s
+    assert re.search(r"disk cache: a\.gguf \([\d.]+ MB\)", out)
 
 
 def test_switch_prints_four_snapshots(cli):

@@ -4,11 +4,18 @@ shapes a store may answer with, one worker at the top level or several in a `wor
 from __future__ import annotations
 
 import io
+import threading
 
 import pytest
+import requests
 from rich.console import Console
+from werkzeug.serving import make_server
 
+from model_swap.commands import main
 from model_swap.commands.views import duration, keep_alive_left, show_list, show_ps, workers_of
+from model_swap.testing import free_port
+from tests.support.fake_worker import FakeWorker
+from tests.support.store_harness import fake_store
 
 
 class CannedStore:
@@ -94,3 +101,41 @@ def test_connection_flags_go_before_or_after_the_command(argv, url, as_json):
 
     args = build_parser({"MODEL_SWAP_URL": "http://env:1", "STORE_API_KEY": "k"}).parse_args(argv)
     assert (args.url, args.api_key, args.json) == (url, "k", as_json)
+
+
+def test_ps_over_http_counts_a_stream_still_running_as_in_use(tmp_path, capsys, monkeypatch):
+    """A real store app on a loopback port in front of a fake worker that holds the generation open,
+    so ps surely asks while it runs (test_cli.py checks the figures against the real worker)."""
+    monkeypatch.setenv("COLUMNS", "160")
+    fake = FakeWorker()
+    app, _ = fake_store(tmp_path, fake)
+    server = make_server("127.0.0.1", free_port(), app, threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    fake.hold("a.gguf")
+    started, ended = threading.Event(), threading.Event()
+
+    def generate():
+        with requests.post(url + "/user_request", json={"model": "a.gguf", "prompt": "hi", "max_tokens": 4},
+                           stream=True, timeout=30) as r:
+            for _ in r.iter_content(None):
+                started.set()
+        ended.set()
+
+    t = threading.Thread(target=generate)
+    t.start()
+    try:
+        assert started.wait(10)
+        assert main(["ps"], env={"MODEL_SWAP_URL": url}) == 0
+        held = capsys.readouterr().out
+        assert not ended.is_set()
+    finally:
+        fake.release("a.gguf")
+        t.join(10)
+    assert main(["ps"], env={"MODEL_SWAP_URL": url}) == 0
+    after = capsys.readouterr().out
+    server.shutdown()
+    cells = lambda text: next([c.strip() for c in line.split("│") if c.strip()]  # noqa: E731
+                              for line in text.splitlines() if line.startswith("│ a.gguf"))
+    assert cells(held)[2:] == ["1", "0", "in use"]
+    assert cells(after)[2] == "0" and cells(after)[4] != "in use"
