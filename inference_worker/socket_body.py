@@ -73,6 +73,7 @@ class _Follower:
         self._fd = fd
         self._cond = threading.Condition()
         self._ready = 0
+        self._taken = 0  # how far the thread has taken work: it sleeps until a step more has come
         self._done = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -80,7 +81,8 @@ class _Follower:
     def advance(self, written: int) -> None:
         with self._cond:
             self._ready = written
-            self._cond.notify()
+            if written - self._taken >= self.step:  # a wake-up per step, not per splice (~750 KB)
+                self._cond.notify()
 
     def _run(self) -> None:
         done_upto = 0
@@ -90,6 +92,7 @@ class _Follower:
                     while not self._done and self._ready - done_upto < self.step:
                         self._cond.wait()
                     ready, done = self._ready, self._done
+                    self._taken = ready  # advance() wakes us again once a step more than this has come
                 if ready > done_upto:
                     self._work(done_upto, ready, final=done)
                     done_upto = ready

