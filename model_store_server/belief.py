@@ -32,7 +32,7 @@ class ResidentRecord:
 
     name: str
     memory_bytes: int | None
-    loaded_at: float
+    chosen_at: float  # when it was loaded or last switched to: the newest is the "active" model
     last_used: float
     keep_alive_s: float  # < 0: never unloaded for idling
 
@@ -123,12 +123,21 @@ class WorkerBelief:
         with self._lock:
             return [r.name for r in sorted(self._resident.values(), key=lambda r: r.last_used)]
 
-    def last_loaded(self) -> str | None:
-        """The model loaded most recently, or None when none is resident."""
+    def active(self) -> str | None:
+        """The model loaded or switched to most recently, or None when none is resident."""
         with self._lock:
-            # Reversed: models adopted together (same loaded_at) are in the worker's load order; the last wins.
-            newest = max(reversed(list(self._resident.values())), key=lambda r: r.loaded_at, default=None)
+            # Reversed: models adopted together (same chosen_at) are in the worker's load order; the last wins.
+            newest = max(reversed(list(self._resident.values())), key=lambda r: r.chosen_at, default=None)
             return None if newest is None else newest.name
+
+    def chosen(self, name: str) -> None:
+        """`name` was switched to: if it is resident, it becomes the active model, as if loaded now."""
+        now = self._clock()
+        with self._lock:
+            record = self._resident.pop(name, None)
+            if record is not None:
+                record.chosen_at = now
+                self._resident[name] = record  # last in order too, so a tie on the clock goes to it
 
     def has_copy(self, name: str, sha256: str) -> bool:
         """Whether the worker's copy of `name` is the store's current file."""

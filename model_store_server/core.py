@@ -174,8 +174,9 @@ class StoreCore:
         return belief.cached(), belief.resident()
 
     def active_model(self) -> str | None:
-        """The model most recently loaded on the first worker (what a request for "active" means), or None."""
-        return self.slots[0].belief.last_loaded()
+        """The model most recently loaded or switched to on the first worker (what a request for "active"
+        means), or None."""
+        return self.slots[0].belief.active()
 
     def progress_text(self, name: str) -> str:
         """What a request waiting for `name` is waiting for, in a few words."""

@@ -92,6 +92,7 @@ class _Switch:
                      before_load=self.settle)
             if "after_settle" not in self.report.snapshots:  # already resident: no load to settle before
                 self.settle()
+            ex.belief.chosen(self.model.name)  # "active" from now on, even if it was resident already
             self.take("after_load")
         outcome = self.report.outcome
         outcome.cached, outcome.loaded = ex.belief.cached(), ex.belief.resident()

@@ -53,6 +53,22 @@ def test_switch_to_a_resident_model_unloads_nothing_and_does_not_wait(tmp_path):
     assert time.monotonic() - started < 2.0  # nothing was unloaded: no settle wait
 
 
+def test_a_switch_to_a_resident_model_makes_it_active(tmp_path):
+    """Both models stay resident; "active" follows the switch, not only the last load."""
+    app, fake = fake_store(tmp_path, FakeWorker(max_loaded=2), switch_settle_s=0.0)
+    client = app.test_client()
+    for name in ("a.gguf", "b.gguf"):
+        assert client.post("/admin/load", json={"model": name}).status_code == 200
+    assert core_of(app).active_model() == "b.gguf"
+    assert switch(client, "a.gguf").json["action"] == "already_loaded"
+    assert core_of(app).active_model() == "a.gguf"
+    r = client.post("/user_request", json={"model": "active", "prompt": "hi"})
+    r.get_data()
+    assert r.status_code == 200 and fake.generations[-1] == "a.gguf"
+    assert client.post("/admin/load", json={"model": "c.gguf"}).status_code == 200  # a load still takes over
+    assert core_of(app).active_model() == "c.gguf"
+
+
 def test_switch_waits_for_a_running_generation_to_complete(tmp_path):
     app, fake = fake_store(tmp_path, FakeWorker(max_loaded=1), max_cache_size=3, switch_settle_s=0.0,
                            max_swap_wait_ms=0)
