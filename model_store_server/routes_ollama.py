@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from typing import Iterator
 
@@ -111,10 +112,13 @@ def ps():
         return dict(base, size_vram=0, expires_at=_wall_clock(core.expires_at(file)), state=where,
                     context_length=context)
 
-    loaded = {m.name for m in resident}
-    cached = [f for worker in core.view() for f in worker["cached"] if _in_store(f)]
-    return jsonify({"models": [entry(m.name, "loaded", m.n_ctx) for m in resident],
-                    "on_disk": [entry(f, "on_disk") for f in cached if f not in loaded]})
+    # Once per model, as Ollama lists it, however many workers hold a copy ("replicas" says how many).
+    copies = Counter(m.name for m in resident)
+    first = {m.name: m for m in reversed(resident)}  # the first worker's copy (dicts keep the last write)
+    cached = dict.fromkeys(f for worker in core.view() for f in worker["cached"] if _in_store(f))
+    return jsonify({"models": [dict(entry(name, "loaded", first[name].n_ctx), replicas=copies[name])
+                               for name in copies],
+                    "on_disk": [entry(f, "on_disk") for f in cached if f not in copies]})
 
 
 @bp.post("/show")

@@ -94,6 +94,25 @@ def test_a_long_queue_places_a_second_replica_and_spreads_requests(tmp_path):
         lease.release()
 
 
+def test_ollama_ps_lists_a_model_once_however_many_workers_hold_it(tmp_path):
+    fakes = [FakeWorker(max_loaded=1) for _ in range(3)]
+    app = fake_workers_store(tmp_path, fakes, max_replicas=2)
+    core = core_of(app)
+    first = core.lease("a.gguf", None, Outcome())
+    time.sleep(0.05)  # a generation of a takes 50 ms: the store measures it, and a queue asks for a replica
+    first.release()
+    held = [core.lease("a.gguf", None, Outcome()) for _ in range(6)]
+    for lease in held:
+        lease.release()
+    assert sum("a.gguf" in f.loaded for f in fakes) == 2
+    client = app.test_client()
+    for worker in ("w0", "w1"):  # b on two disks
+        assert client.post("/admin/prefetch", json={"model": "b.gguf", "worker": worker}).status_code == 200
+    ps = client.get("/api/ps").get_json()
+    assert [(m["name"], m["replicas"]) for m in ps["models"]] == [("a.gguf", 2)]
+    assert [m["name"] for m in ps["on_disk"]] == ["b.gguf"]
+
+
 def test_store_restart_adopts_every_worker(tmp_path):
     fakes = [FakeWorker(max_loaded=1), FakeWorker(max_loaded=1)]
     client = fake_workers_store(tmp_path / "one", fakes).test_client()
