@@ -35,6 +35,7 @@ class ResidentRecord:
     chosen_at: float  # when it was loaded or last switched to: the newest is the "active" model
     last_used: float
     keep_alive_s: float  # < 0: never unloaded for idling
+    slots: int = 1  # generations the worker runs at once for it, as its listing says (N_PARALLEL)
 
     def expires_at(self) -> float | None:
         return None if self.keep_alive_s < 0 else self.last_used + self.keep_alive_s
@@ -122,6 +123,11 @@ class WorkerBelief:
         """Models in the worker's memory, least recently used first."""
         with self._lock:
             return [r.name for r in sorted(self._resident.values(), key=lambda r: r.last_used)]
+
+    def slots(self) -> dict[str, int]:
+        """Per resident model, how many generations the worker runs at once (1 until its listing says)."""
+        with self._lock:
+            return {name: r.slots for name, r in self._resident.items()}
 
     def active(self) -> str | None:
         """The model loaded or switched to most recently, or None when none is resident."""
@@ -273,10 +279,14 @@ class WorkerBelief:
         return Reconciliation(tuple(adopted), tuple(strays), restarted)
 
     def _learn_memory(self, state: WorkerState) -> None:
+        """What the worker's listing says of its models: memory taken, and slots."""
         for model in state.loaded:
+            record = self._resident.get(model.name)
+            if record is not None:
+                record.slots = model.n_parallel
             measured = max(model.memory_bytes or 0, model.estimated_bytes or 0)
-            if measured and model.name in self._resident:
-                self._resident[model.name].memory_bytes = measured
+            if measured and record is not None:
+                record.memory_bytes = measured
                 self._need[model.name] = measured
 
     def on_worker_error(self, err: ApiError) -> bool:

@@ -62,7 +62,7 @@ class WorkerSlot:
         busy = frozenset(m for m, n in gates["uses"].items() if n > 0)
         incoming = frozenset(self.belief.in_flight()) | frozenset(gates["waiting"])
         return WorkerFacts(self.name, self.belief.snapshot(busy), self.health.up, gates["uses"], incoming,
-                           gates["lane_queue"], rate, load_s, generation_s)
+                           gates["lane_queue"], rate, load_s, generation_s, self.belief.slots())
 
 
 class StoreCore:

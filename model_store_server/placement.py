@@ -38,6 +38,7 @@ class WorkerFacts:
     transfer_bytes_per_s: float | None = None  # measured
     load_s: Mapping[str, float] = field(default_factory=dict)  # measured per model
     generation_s: Mapping[str, float] = field(default_factory=dict)  # one generation's time, per model
+    slots: Mapping[str, int] = field(default_factory=dict)  # generations run at once, per resident model
 
     @property
     def load(self) -> int:
@@ -50,8 +51,10 @@ class WorkerFacts:
         return self.load_s.get(name, size / DEFAULT_LOAD_BYTES_PER_S)
 
     def queue_seconds(self, want: Want) -> float:
-        """How long a new request for `want` would wait here behind the ones already on it."""
-        return self.uses.get(want.name, 0) * self.generation_s.get(want.name, 0.0)
+        """How long a new request for `want` would wait here behind the ones already on it: nothing while
+        a slot is free, then a generation's time for each full round of the slots ahead of it."""
+        slots = max(1, self.slots.get(want.name, 1))
+        return self.uses.get(want.name, 0) // slots * self.generation_s.get(want.name, 0.0)
 
 
 @dataclass(frozen=True)

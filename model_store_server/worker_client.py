@@ -59,6 +59,7 @@ class LoadedModel:
     active: int = 0
     waiting: int = 0
     n_ctx: int | None = None  # the context it was opened with (its models-config setting, else the worker's)
+    n_parallel: int = 1  # generations it runs at once (its slots; 1 for the single-stream engine)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ class WorkerState:
             models = (LoadedModel(loaded),) if loaded else ()
             return cls(models, list(body.get("cached", [])), boot_id=body.get("boot_id"))
         models = tuple(LoadedModel(str(m.get("name")), _int(m.get("memory_bytes")), _int(m.get("estimated_bytes")),
-                                   _int(m.get("active")) or 0, _int(m.get("waiting")) or 0, _int(m.get("n_ctx")))
+                                   _int(m.get("active")) or 0, _int(m.get("waiting")) or 0, _int(m.get("n_ctx")),
+                                   max(1, _int(m.get("n_parallel")) or 1))
                        for m in loaded if isinstance(m, dict))
         return cls(models, list(body.get("cached", [])), _int(memory.get("budget_bytes")),
                    _int(memory.get("used_bytes")), _int(memory.get("max_loaded_models")) or 1, body.get("boot_id"))

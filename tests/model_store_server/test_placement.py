@@ -15,7 +15,7 @@ SIZES = {"m.gguf": 100 * MB, "x.gguf": 100 * MB, "y.gguf": 100 * MB}
 
 
 def worker(name, cached=(), resident=(), busy=(), max_loaded=1, up=True, uses=None, incoming=(), rate=None,
-           load_s=None, generation_s=None, lane_queue=0, max_cache=3):
+           load_s=None, generation_s=None, lane_queue=0, max_cache=3, slots=None):
     """A worker's facts: files `cached` (the store's copies), models `resident`, `busy` ones in use."""
     policy = build_policy("lru", max_cache, None, None)
     for n in cached:
@@ -24,7 +24,7 @@ def worker(name, cached=(), resident=(), busy=(), max_loaded=1, up=True, uses=No
                     {n: Resident(SIZES[n], float(i)) for i, n in enumerate(resident)}, max_loaded=max_loaded,
                     busy=frozenset(busy))
     return WorkerFacts(name, snap, up, uses or {n: 1 for n in busy}, frozenset(incoming), lane_queue, rate,
-                       load_s or {}, generation_s or {})
+                       load_s or {}, generation_s or {}, slots or {})
 
 
 CASES = {
@@ -74,6 +74,18 @@ def test_a_queue_longer_than_a_start_elsewhere_places_a_replica():
 def test_a_short_queue_stays_on_the_copy():
     warm = worker("w1", cached=["m.gguf"], resident=["m.gguf"], uses={"m.gguf": 1}, generation_s={"m.gguf": 0.01})
     assert place(WANT, [warm, worker("w2")]).rule == RESIDENT
+
+
+@pytest.mark.parametrize("uses, slots, expected", [
+    (3, 4, RESIDENT),  # a slot is free: no wait, no copy
+    (4, 4, REPLICA),   # every slot busy: it waits a round of generations
+    (8, 1, REPLICA),   # one slot: it waits for all eight
+])
+def test_a_worker_with_free_slots_waits_for_nothing(uses, slots, expected):
+    hot = worker("w1", cached=["m.gguf"], resident=["m.gguf"], uses={"m.gguf": uses}, generation_s={"m.gguf": 1.0},
+                 slots={"m.gguf": slots})
+    assert hot.queue_seconds(WANT) == uses // slots * 1.0
+    assert place(WANT, [hot, worker("w2")]).rule == expected
 
 
 @pytest.mark.parametrize("max_replicas, copies, expected", [(2, 2, RESIDENT), (3, 2, REPLICA), (1, 1, RESIDENT)])

@@ -94,6 +94,27 @@ def test_a_long_queue_places_a_second_replica_and_spreads_requests(tmp_path):
         lease.release()
 
 
+def test_no_replica_while_the_worker_has_a_free_slot(tmp_path):
+    """The slots come from the worker's listing (n_parallel): three streams on four slots wait for nothing."""
+    fakes = [FakeWorker(max_loaded=1, n_parallel=4) for _ in range(3)]
+    app = fake_workers_store(tmp_path, fakes, max_replicas=2)
+    core = core_of(app)
+    first = core.lease("a.gguf", None, Outcome())
+    time.sleep(0.05)  # a generation of a takes 50 ms: the store measures it
+    first.release()
+    held, outcomes = [], []
+    for _ in range(5):
+        outcome = Outcome()
+        held.append(core.lease("a.gguf", None, outcome))
+        outcomes.append(outcome)
+    placements = [o.placement for o in outcomes]
+    assert placements[:4] == ["resident"] * 4, placements  # uses 0..3 of 4 slots: no wait
+    assert placements[4] == "replica", placements  # all four busy: a copy elsewhere starts sooner
+    assert sum("a.gguf" in f.loaded for f in fakes) == 2
+    for lease in held:
+        lease.release()
+
+
 def test_ollama_ps_lists_a_model_once_however_many_workers_hold_it(tmp_path):
     fakes = [FakeWorker(max_loaded=1) for _ in range(3)]
     app = fake_workers_store(tmp_path, fakes, max_replicas=2)

@@ -61,12 +61,13 @@ class FakeWorker:
 
     def __init__(self, max_loaded: int = 3, budget_bytes: int | None = None,
                  memory_of: Callable[[str, int], int] | None = None, drain_timeout_s: float = 5.0,
-                 legacy: bool = False):
+                 legacy: bool = False, n_parallel: int = 1):
         self.max_loaded = max_loaded
         self.budget_bytes = budget_bytes
         self.memory_of = memory_of or (lambda name, size: size)
         self.drain_timeout_s = drain_timeout_s
         self.legacy = legacy  # report "loaded" as one name, like the one-model worker
+        self.n_parallel = n_parallel  # the slots its listing reports per model (it does not batch)
         self.boot_id = uuid.uuid4().hex
         self.disk: dict[str, tuple[int, str]] = {}
         self.disk_used: dict[str, float] = {}
@@ -142,7 +143,8 @@ class FakeWorker:
             if self.legacy:
                 name = next(iter(self.loaded), None)
                 return WorkerState((LoadedModel(name),) if name else (), cached)
-            loaded = tuple(LoadedModel(n, m.memory_bytes, m.memory_bytes, m.active, 0) for n, m in self.loaded.items())
+            loaded = tuple(LoadedModel(n, m.memory_bytes, m.memory_bytes, m.active, 0, None, self.n_parallel)
+                           for n, m in self.loaded.items())
             return WorkerState(loaded, cached, self.budget_bytes, self._used(), self.max_loaded, self.boot_id)
 
     def memory(self) -> dict:
