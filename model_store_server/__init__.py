@@ -28,6 +28,7 @@ def create_app(config: StoreConfig, worker=None, transport: Transport | None = N
     sessions = Sessions(SessionStore(config.sessions_db, config.session_ttl_s), SessionLocks(), config.session_bounds,
                         config.queue_timeout_s)
     app.extensions["store"] = {"config": config, "core": core, "names": names, "sessions": sessions}
+    app.extensions["on_graceful_stop"] = [core.events.close]  # /events streams end, so the stop need not wait
     register_error_handlers(app)
     install_request_logging(app, log)
     install_token_check(app, config.api_key, open_endpoints={"admin.health"})

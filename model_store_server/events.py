@@ -17,6 +17,7 @@ from typing import Iterator
 
 SUBSCRIBER_QUEUE = 1000
 HEARTBEAT_S = 15.0
+_CLOSED = {"event": "_closed"}  # what a subscriber finds in its queue once the bus is closed
 
 
 class Subscription:
@@ -43,6 +44,7 @@ class EventBus:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._subscribers: list[Subscription] = []
+        self._closed = False
 
     def publish(self, kind: str, **fields) -> dict:
         event = {"event": kind, "ts": round(time.time(), 3), **fields}
@@ -58,8 +60,28 @@ class EventBus:
     def subscribe(self) -> Subscription:
         sub = Subscription(self)
         with self._lock:
-            self._subscribers.append(sub)
+            if self._closed:
+                sub.queue.put_nowait(_CLOSED)
+            else:
+                self._subscribers.append(sub)
         return sub
+
+    def close(self) -> None:
+        """The store is stopping: every subscription ends after the events already in its queue."""
+        with self._lock:
+            self._closed = True
+            subscribers, self._subscribers = self._subscribers, []
+        for sub in subscribers:
+            while True:
+                try:
+                    sub.queue.put_nowait(_CLOSED)
+                    break
+                except queue.Full:  # a slow reader loses its oldest event rather than the end
+                    try:
+                        sub.queue.get_nowait()
+                        sub.dropped += 1
+                    except queue.Empty:
+                        pass
 
     def unsubscribe(self, sub: Subscription) -> None:
         with self._lock:
@@ -81,6 +103,9 @@ def sse_frames(sub: Subscription, heartbeat_s: float = HEARTBEAT_S, worker: str 
             if event is None:
                 yield ": ping\n\n"
                 continue
+            if event is _CLOSED:
+                yield ": the store is stopping\n\n"
+                return
             if worker is not None and event.get("worker") != worker:
                 continue
             yield f"event: {event['event']}\ndata: {json.dumps(event)}\n\n"

@@ -13,6 +13,10 @@ cut connection, which closes the response iterator and so releases its model. Th
 is capped so an unread stream fills it within a few hundred tokens rather than megabytes.
 
 gunicorn's own parser errors are answered with the JSON error envelope instead of HTML.
+
+On a graceful stop (SIGTERM) the app's `extensions["on_graceful_stop"]` callables run, so
+endless responses (the store's /events) end at once instead of holding the stop for the whole
+graceful timeout.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import logging
 import selectors
 import socket
+import threading
 import time
 from functools import partial
 
@@ -119,6 +124,14 @@ class _Arrival:
         self.continued = False
 
 
+def _run_all(callbacks) -> None:
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:  # one failing must not keep the others from running
+            log.exception("graceful-stop callback %r failed", callback)
+
+
 class GuardedThreadWorker(ThreadWorker):
     """ThreadWorker whose event loop reads each request whole before a thread takes it."""
 
@@ -127,6 +140,14 @@ class GuardedThreadWorker(ThreadWorker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._arriving: dict[TConn, _Arrival] = {}
+
+    def handle_exit(self, sig, frame):
+        """A graceful stop: stop accepting, as gunicorn does, and tell the app (on a thread: this is a
+        signal handler, which must not wait for the app's locks)."""
+        super().handle_exit(sig, frame)
+        callbacks = list(getattr(self.wsgi, "extensions", {}).get("on_graceful_stop", ()))
+        if callbacks:
+            threading.Thread(target=_run_all, args=(callbacks,), name="graceful-stop", daemon=True).start()
 
     def accept(self, listener):
         if self.cfg.is_ssl:  # TLS handshakes happen in threads; this worker does not read them ahead

@@ -8,7 +8,7 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from model_swap.commands.client import StoreClient, data_events
+from model_swap.commands.client import StoreClient, StoreUnreachable, data_events
 
 
 def describe(event: dict) -> str:
@@ -44,7 +44,8 @@ def follow(client: StoreClient, out: Console, err: Console, until: str | None = 
     finally:
         if bars:  # stopping a progress display that never started still prints a blank line
             progress.stop()
-    return 0
+    # The store ends the stream only when it stops (it says so in a last comment): exit 3, not done.
+    raise StoreUnreachable(f"{client.url} closed the event stream: the store is stopping")
 
 
 def _show(progress: Progress, bars: dict[str, int], event: dict, out: Console) -> None:

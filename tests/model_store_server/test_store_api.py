@@ -303,3 +303,25 @@ def test_prompt_too_long_is_a_400_with_its_code(services, models_dir, tmp_path):
     assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long"
     assert r.headers["X-Cache-Action"] == "load_from_store"  # the swap it caused is reported
     assert ask(store, "a.gguf")[0] == 200  # the worker still serves
+
+
+def test_a_graceful_stop_ends_the_event_streams_at_once(services, models_dir):
+    """SIGTERM: an /events subscriber is told the store is stopping and its stream ends, instead of
+    holding the stop until gunicorn's graceful timeout (10 s) cuts it without a word."""
+    store = services.store(models_dir, "http://127.0.0.1:9")  # no worker needed: nothing is swapped
+    lines: list[str] = []
+    subscribed = threading.Event()
+
+    def follow():
+        with requests.get(store.url + "/events", stream=True, timeout=30) as r:
+            for line in r.iter_lines(decode_unicode=True):
+                lines.append(line)
+                subscribed.set()
+
+    t = threading.Thread(target=follow)
+    t.start()
+    assert subscribed.wait(10)
+    store.stop()
+    t.join(30)
+    assert lines[0].startswith(": ") and ": the store is stopping" in lines, lines
+    assert store.proc.returncode == 0

@@ -261,3 +261,20 @@ def test_streaming_openai_request_that_fails_while_waiting_gets_an_error_frame(t
     assert json.loads(lines[-1][6:])["error"]["code"] == "cache_full"
     [line] = request_lines(caplog, "/v1/completions")
     assert "model=c.gguf action=rejected" in line and line.endswith("error=cache_full")
+
+
+def test_a_closed_bus_ends_every_stream_after_what_it_queued():
+    from model_store_server.events import SUBSCRIBER_QUEUE, EventBus, sse_frames
+
+    bus = EventBus()
+    reader, flooded = bus.subscribe(), bus.subscribe()
+    bus.publish("loaded", model="a.gguf")
+    for _ in range(SUBSCRIBER_QUEUE - 1):  # flooded (it has "loaded" too)'s queue is full: the end still gets in, an old event goes
+        flooded.queue.put_nowait({"event": "x"})
+    bus.close()
+    frames = list(sse_frames(reader, heartbeat_s=0.01))
+    assert frames[0].startswith(": ") and frames[1].startswith("event: loaded")
+    assert frames[-1] == ": the store is stopping\n\n" and len(frames) == 3
+    assert list(sse_frames(flooded, heartbeat_s=0.01))[-1] == ": the store is stopping\n\n" and flooded.dropped >= 1
+    late = list(sse_frames(bus.subscribe(), heartbeat_s=0.01))  # a subscriber after the close ends at once
+    assert late[-1] == ": the store is stopping\n\n" and bus.subscribers() == 0

@@ -200,16 +200,28 @@ def test_events_follows_a_transfer_and_a_load(stack, terminal):
         out, _ = proc.communicate(timeout=30)
     finally:
         proc.kill()
-        # The store notices a gone subscriber only when a write to it fails, and the first write after
-        # the close still succeeds: two events now (unloaded, evicted) end that stream, else it
-        # lingers until its heartbeats and holds up the store's shutdown by 10 s.
-        requests.post(store.url + "/admin/evict", json={"model": "c.gguf"}, headers=AUTH, timeout=60)
     assert proc.returncode == 0
     plain = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]|\r", "\n", out)  # a terminal's colours and redraws, as line breaks
     kinds = [m.groups() for m in re.finditer(r"^\d\d:\d\d:\d\d (\w+) (\S+)", plain, re.M)]
     assert kinds == [("transfer_started", "c.gguf"), ("transfer_done", "c.gguf"), ("load_started", "c.gguf"),
                      ("loaded", "c.gguf")]
     assert ("sending c.gguf" in plain) is terminal  # the progress bar, only where it can be redrawn
+
+
+def test_events_exits_3_when_the_store_stops(services, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    store = services.store(models, "http://127.0.0.1:9")  # no worker needed: nothing is swapped
+    env = {"PATH": "/usr/bin:/bin", "MODEL_SWAP_URL": store.url}
+    proc = subprocess.Popen([sys.executable, "-m", "model_swap", "events"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    try:
+        assert "following" in proc.stderr.readline()
+        store.stop()  # SIGTERM: a graceful stop ends the event streams
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3 and "the store is stopping" in err
 
 
 def _start_serve(args: list[str], tmp_path: Path) -> subprocess.Popen:
