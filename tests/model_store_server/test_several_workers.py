@@ -73,18 +73,26 @@ def test_no_worker_up_is_a_502_with_a_code(tmp_path):
     assert (r.status_code, r.get_json()["error"]["code"]) == (502, "worker_unavailable")
 
 
-def test_a_long_queue_places_a_second_replica_and_spreads_requests(tmp_path):
-    fakes = [FakeWorker(max_loaded=1) for _ in range(3)]
+def _three_workers_that_measured_a(tmp_path, n_parallel: int = 1):
+    """(app, fakes, core): three workers, replicas capped at 2, and one 50 ms generation of a measured."""
+    fakes = [FakeWorker(max_loaded=1, n_parallel=n_parallel) for _ in range(3)]
     app = fake_workers_store(tmp_path, fakes, max_replicas=2)
     core = core_of(app)
     first = core.lease("a.gguf", None, Outcome())
     time.sleep(0.05)  # a generation of a takes 50 ms: the store measures it
     first.release()
-    held, outcomes = [], []
-    for _ in range(6):
-        outcome = Outcome()
-        held.append(core.lease("a.gguf", None, outcome))
-        outcomes.append(outcome)
+    return app, fakes, core
+
+
+def _lease_a(core, count: int) -> tuple[list, list[Outcome]]:
+    """`count` leases of a held at once (released by the caller), and their outcomes."""
+    outcomes = [Outcome() for _ in range(count)]
+    return [core.lease("a.gguf", None, o) for o in outcomes], outcomes
+
+
+def test_a_long_queue_places_a_second_replica_and_spreads_requests(tmp_path):
+    _, fakes, core = _three_workers_that_measured_a(tmp_path)
+    held, outcomes = _lease_a(core, 6)
     workers = [o.worker for o in outcomes]
     assert [o.placement for o in outcomes].count("replica") == 1
     assert len(set(workers)) == 2, workers  # the cap: two copies, never three
@@ -96,17 +104,8 @@ def test_a_long_queue_places_a_second_replica_and_spreads_requests(tmp_path):
 
 def test_no_replica_while_the_worker_has_a_free_slot(tmp_path):
     """The slots come from the worker's listing (n_parallel): three streams on four slots wait for nothing."""
-    fakes = [FakeWorker(max_loaded=1, n_parallel=4) for _ in range(3)]
-    app = fake_workers_store(tmp_path, fakes, max_replicas=2)
-    core = core_of(app)
-    first = core.lease("a.gguf", None, Outcome())
-    time.sleep(0.05)  # a generation of a takes 50 ms: the store measures it
-    first.release()
-    held, outcomes = [], []
-    for _ in range(5):
-        outcome = Outcome()
-        held.append(core.lease("a.gguf", None, outcome))
-        outcomes.append(outcome)
+    _, fakes, core = _three_workers_that_measured_a(tmp_path, n_parallel=4)
+    held, outcomes = _lease_a(core, 5)
     placements = [o.placement for o in outcomes]
     assert placements[:4] == ["resident"] * 4, placements  # uses 0..3 of 4 slots: no wait
     assert placements[4] == "replica", placements  # all four busy: a copy elsewhere starts sooner
@@ -116,13 +115,8 @@ def test_no_replica_while_the_worker_has_a_free_slot(tmp_path):
 
 
 def test_ollama_ps_lists_a_model_once_however_many_workers_hold_it(tmp_path):
-    fakes = [FakeWorker(max_loaded=1) for _ in range(3)]
-    app = fake_workers_store(tmp_path, fakes, max_replicas=2)
-    core = core_of(app)
-    first = core.lease("a.gguf", None, Outcome())
-    time.sleep(0.05)  # a generation of a takes 50 ms: the store measures it, and a queue asks for a replica
-    first.release()
-    held = [core.lease("a.gguf", None, Outcome()) for _ in range(6)]
+    app, fakes, core = _three_workers_that_measured_a(tmp_path)
+    held, _ = _lease_a(core, 6)  # a queue: a replica
     for lease in held:
         lease.release()
     assert sum("a.gguf" in f.loaded for f in fakes) == 2
