@@ -13,6 +13,7 @@ import pytest
 from inference_worker.batch_prompt import BatchRequest, PromptTooLong
 from inference_worker.batch_stream import GenerationFailed, ModelClosing
 from inference_worker.batching import BatchedModel
+from tests.support.gates import Gate
 
 log = logging.getLogger(__name__)
 PROMPTS = [f"prompt {i}: the quick brown fox" for i in range(6)]
@@ -58,22 +59,6 @@ def test_streams_in_one_batch_get_their_own_text(tiny):
     assert stats.active == 0 and stats.queued == 0
     assert stats.tokens_generated == 24 * len(PROMPTS)
     assert stats.steps == len(steps) and stats.batch_tokens == sum(s.tokens for s in steps)
-
-
-class Gate:
-    """An on_step callback that holds the decode loop after each step until opened: steps on demand."""
-
-    def __init__(self):
-        self._open = threading.Event()
-        self.steps = 0
-
-    def __call__(self, info) -> None:
-        self.steps += 1
-        if not self._open.wait(timeout=30):
-            self._open.set()  # a test that failed before opening must not hang close()
-
-    def open(self) -> None:
-        self._open.set()
 
 
 def test_requests_beyond_the_slots_wait_in_arrival_order(tiny):
