@@ -3,7 +3,9 @@ against what each load really took."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -110,46 +112,49 @@ def test_budget_that_fits_one_model_refuses_the_second(services, make_model, tmp
 
 @needs_real_models
 def test_unload_waits_for_a_long_generation_while_the_other_model_serves(services, make_model, tmp_path):
-    worker = services.worker()
+    """The long generation is a response nobody reads (a 4 KiB receive buffer): it holds tiny's
+    model until the test reads it, so everything below happens during it on any machine."""
+    worker = services.worker(extra=["--n-ctx", "4096"])
     cache(worker, REAL / SMOL)
     cache(worker, make_model(tmp_path / "src", "tiny.gguf", seed=31))
     assert load(worker, SMOL).status_code == 200 and load(worker, "tiny.gguf").status_code == 200
 
-    # Counting goes on to max_tokens at temperature 0: a generation of a few seconds.
-    long = requests.post(worker.url + "/infer", stream=True, timeout=120, json={
-        "prompt": "1, 2, 3, 4, 5,", "max_tokens": 150, "temperature": 0, "model": SMOL, "stream_format": "ndjson"})
-    lines = long.iter_lines()
-    assert json.loads(next(lines))["text"]
-    events: list[dict] = []
-    ended: list[float] = []
-
-    def read_rest() -> None:
-        events.extend(json.loads(line) for line in lines if line)
-        ended.append(time.monotonic())
-
-    reader = threading.Thread(target=read_rest)
-    reader.start()
-    unload: list[tuple[requests.Response, float]] = []
-    unloader = threading.Thread(target=lambda: unload.append((
-        requests.post(worker.url + "/unload", json={"model": SMOL}, timeout=120), time.monotonic())))
+    host, port = worker.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    conn.sock = socket.socket()
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # then read nothing until the end
+    conn.sock.connect((host, int(port)))
+    conn.request("POST", "/infer", json.dumps({"prompt": "hi", "max_tokens": 4000, "temperature": 0,
+                                               "model": "tiny.gguf", "stream_format": "ndjson"}),
+                 {"Content-Type": "application/json"})
+    long = conn.getresponse()
+    assert long.status == 200
+    unload: list[requests.Response] = []
+    unloader = threading.Thread(target=lambda: unload.append(
+        requests.post(worker.url + "/unload", json={"model": "tiny.gguf"}, timeout=120)))
     unloader.start()
     deadline = time.monotonic() + 30
-    while not next(m for m in listing(worker)["loaded"] if m["name"] == SMOL)["unloading"]:
+    while True:
+        entry = {m["name"]: m for m in listing(worker)["loaded"]}.get("tiny.gguf")
+        assert entry is not None, "the unload did not wait for the running generation"
+        if entry["unloading"]:
+            break
         assert time.monotonic() < deadline
         time.sleep(0.01)
 
-    assert error_of(infer(worker, SMOL)) == (409, "model_unloading")
-    assert infer(worker, "tiny.gguf").status_code == 200
-    other_served = time.monotonic()
+    assert error_of(infer(worker, "tiny.gguf")) == (409, "model_unloading")
+    assert infer(worker, SMOL).status_code == 200, "the other model serves during the generation"
     assert unloader.is_alive(), "the unload waits for the running generation"
-    reader.join(timeout=120)
-    unloader.join(timeout=120)
+    assert loaded(worker) == [SMOL, "tiny.gguf"]
 
-    assert events[-1]["finish_reason"] == "length" and events[-1]["completion_tokens"] == 150
-    (response, unloaded_at), = unload
-    assert response.status_code == 200 and response.json() == {"unloaded": [SMOL]}
-    assert other_served < ended[0] <= unloaded_at, "tiny served during the generation; the unload came after it"
-    assert loaded(worker) == ["tiny.gguf"]
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # read the rest at full speed
+    events = [json.loads(line) for line in long.read().splitlines() if line]
+    conn.close()
+    unloader.join(timeout=120)
+    assert events[-1]["finish_reason"] == "length" and events[-1]["completion_tokens"] == 4000
+    response, = unload
+    assert response.status_code == 200 and response.json() == {"unloaded": ["tiny.gguf"]}
+    assert loaded(worker) == [SMOL]
 
 
 @needs_real_models
