@@ -278,27 +278,23 @@ def test_client_disconnect_stops_generation(services, model_a):
     """The unread stream holds the worker mid-response until the client closes, however fast the
     machine decodes. That a closed stream's slot stops decoding is held in-process behind a Gate:
     test_parallel_generation.py::test_drain_timeout_is_model_busy_and_a_disconnect_frees_the_slot."""
-    worker = services.worker(extra=["--n-ctx", "4096"])
+    worker = services.worker(extra=["--n-ctx", "8192"])
     _upload(worker.url, "a.gguf", model_a.read_bytes(), "/load_model_from_store")
-    conn = unread_stream(worker.url, {"prompt": "hi", "max_tokens": 4000, "temperature": 0,
+    conn = unread_stream(worker.url, {"prompt": "hi", "max_tokens": 8000, "temperature": 0,
                                       "stream_format": "ndjson"})
-    # Decoding ends on its own (about 4000 tokens); the response cannot, as nobody reads it.
-    deadline = time.monotonic() + 60
-    while requests.get(worker.url + "/models").json()["loaded"][0]["slots"]["active"]:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    assert requests.get(worker.url + "/models").json()["loaded"][0]["active"] == 1, "the response is held"
+    # About 190 KB of ndjson: more than the worker's send buffer (it grew to 128 KiB here) and our
+    # 4 KiB receive buffer hold, so the response cannot end before the close below.
     conn.close()
     # The worker notices on its next write; a later request gets its turn.
     with requests.post(worker.url + "/infer", json={"prompt": "hi", "max_tokens": 2}, timeout=30) as r:
         assert r.status_code == 200
     deadline = time.monotonic() + 10
     while 'result="disconnected"} 1.0' not in (metrics := requests.get(worker.url + "/metrics").text):
-        assert time.monotonic() < deadline, "the worker did not count the disconnect"
+        assert time.monotonic() < deadline, "no disconnect counted (or the whole response fit the socket buffers)"
         time.sleep(0.02)
     written = float(next(line.split()[1] for line in metrics.splitlines()
                          if line.startswith("worker_tokens_generated_total")))
-    assert written < 4000, "the response stopped where the client left"
+    assert written < 8000, "the response stopped where the client left"
 
 
 def test_delete_unloads_and_removes(worker, model_a):
