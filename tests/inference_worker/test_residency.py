@@ -111,13 +111,14 @@ def test_budget_that_fits_one_model_refuses_the_second(services, make_model, tmp
 
 @needs_real_models
 def test_unload_waits_for_a_long_generation_while_the_other_model_serves(services, make_model, tmp_path):
-    """The long generation is a response nobody reads (8000 tokens, a 4 KiB receive buffer): it holds
-    tiny's model until the client leaves, so everything below happens during it on any machine.
-    The client then hangs up rather than reading ~190 KB through that buffer (~20 s here). That a
-    draining unload lets the generation run to its end is held in-process, without decoding 8000
-    tokens: test_parallel_generation.py::test_unload_waits_for_the_active_slots_and_refuses_new_requests.
+    """The long generation is a response nobody reads (16000 tokens, ~300 KB of ndjson, twice what
+    the worker's capped send buffer and a 4 KiB receive buffer can hold): it holds tiny's model
+    until the client leaves, so everything below happens during it on any machine. The client then
+    hangs up rather than reading it back through that buffer (~20 s for 190 KB here). That a
+    draining unload lets the generation run to its end is held in-process, without the long decode:
+    test_parallel_generation.py::test_unload_waits_for_the_active_slots_and_refuses_new_requests.
     """
-    worker = services.worker(extra=["--n-ctx", "8192"])
+    worker = services.worker(extra=["--n-ctx", "16384"])
     cache(worker, REAL / SMOL)
     cache(worker, make_model(tmp_path / "src", "tiny.gguf", seed=31))
     assert load(worker, SMOL).status_code == 200 and load(worker, "tiny.gguf").status_code == 200
@@ -126,7 +127,7 @@ def test_unload_waits_for_a_long_generation_while_the_other_model_serves(service
     conn = socket.socket()
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read past the status line
     conn.connect((host, int(port)))
-    body = json.dumps({"prompt": "hi", "max_tokens": 8000, "temperature": 0, "model": "tiny.gguf",
+    body = json.dumps({"prompt": "hi", "max_tokens": 16000, "temperature": 0, "model": "tiny.gguf",
                        "stream_format": "ndjson"})
     conn.sendall(f"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
