@@ -13,6 +13,7 @@ import pytest
 from inference_worker.batch_prompt import BatchRequest, PromptTooLong
 from inference_worker.batch_stream import GenerationFailed, ModelClosing
 from inference_worker.batching import BatchedModel
+from tests.support.gates import Gate
 
 log = logging.getLogger(__name__)
 PROMPTS = [f"prompt {i}: the quick brown fox" for i in range(6)]
@@ -47,33 +48,24 @@ def reference_texts(path, prompts, max_tokens=24) -> dict[str, str]:
 
 
 def test_streams_in_one_batch_get_their_own_text(tiny):
+    """The first stream is held at a Gate until the other five are queued, so three of them join
+    it in the four slots whatever the machine's speed."""
     want = reference_texts(tiny, PROMPTS)
-    steps = []
-    with open_model(tiny, on_step=steps.append) as bm:
-        streams = [bm.submit(greedy(p)) for p in PROMPTS]
+    gate = Gate()
+    with open_model(tiny, on_step=gate) as bm:
+        streams = [bm.submit(greedy(PROMPTS[0]))]
+        wait_until(lambda: gate.steps == 1)
+        streams += [bm.submit(greedy(p)) for p in PROMPTS[1:]]
+        gate.open()
         assert {p: s.text() for p, s in zip(PROMPTS, streams)} == want
         assert all(s.finish_reason == "length" and s.completion_tokens == 24 for s in streams)
-        stats = bm.stats()
+        idle = bm.stats()
+    stats = bm.stats()  # after close(): the decode thread has counted and reported its last step
+    steps = gate.infos
     assert max(s.sequences for s in steps) == 4, "four slots decode together"
-    assert stats.active == 0 and stats.queued == 0
+    assert idle.active == 0 and idle.queued == 0
     assert stats.tokens_generated == 24 * len(PROMPTS)
     assert stats.steps == len(steps) and stats.batch_tokens == sum(s.tokens for s in steps)
-
-
-class Gate:
-    """An on_step callback that holds the decode loop after each step until opened: steps on demand."""
-
-    def __init__(self):
-        self._open = threading.Event()
-        self.steps = 0
-
-    def __call__(self, info) -> None:
-        self.steps += 1
-        if not self._open.wait(timeout=30):
-            self._open.set()  # a test that failed before opening must not hang close()
-
-    def open(self) -> None:
-        self._open.set()
 
 
 def test_requests_beyond_the_slots_wait_in_arrival_order(tiny):
@@ -209,13 +201,22 @@ def test_drain_that_times_out_accepts_again(tiny):
 
 
 def test_close_fails_streams_that_outlive_the_timeout(tiny):
+    """The gate opens only once close() has begun stopping, so both streams are still unfinished
+    when it gives up waiting, however fast the machine."""
     gate = Gate()
     bm = open_model(tiny, n_parallel=1, on_step=gate)
     running = bm.submit(greedy(PROMPTS[0], 200))
     queued = bm.submit(greedy(PROMPTS[1]))
     wait_until(lambda: gate.steps == 1)
-    threading.Timer(0.1, gate.open).start()  # close() below waits for the held step to end
+
+    def open_when_stopping() -> None:
+        wait_until(lambda: bm._loop._stopping)  # close() gave up draining; it now waits for the held step
+        gate.open()
+
+    opener = threading.Thread(target=open_when_stopping)
+    opener.start()
     bm.close(timeout=0)
+    opener.join(timeout=10)
     for stream in (running, queued):
         with pytest.raises(GenerationFailed):
             stream.text()

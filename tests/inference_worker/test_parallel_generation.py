@@ -16,6 +16,7 @@ from model_swap.errors import ApiError
 from model_swap.gguf import read_header
 from model_swap.model_settings import ModelSettings
 from model_swap.web import GenerationRequest
+from tests.support.gates import Gate
 
 REAL = Path(__file__).resolve().parents[2] / "models"
 SMOL, GEMMA = REAL / "SmolLM2-135M-Instruct.Q4_1.gguf", REAL / "gemma-3-270m-q4_k_m.gguf"
@@ -175,19 +176,28 @@ def test_unload_waits_for_the_active_slots_and_refuses_new_requests(make_model, 
 
 
 def test_drain_timeout_is_model_busy_and_a_disconnect_frees_the_slot(make_model, tmp_path):
-    reg = ModelRegistry(LlamaSettings(2048, 0, 1, 1, 2), Budget(1 << 40, "test"), 3, drain_timeout_s=0.2)
+    """The gate holds the decode loop after the prompt's step, so the stream is still generating
+    when the unload times out and when it is released, however fast the machine."""
+    gate = Gate()
+    reg = ModelRegistry(LlamaSettings(2048, 0, 1, 1, 2), Budget(1 << 40, "test"), 3, drain_timeout_s=0.2,
+                        on_step=gate)
     try:
         reg.load("a.gguf", make_model(tmp_path, "a.gguf", seed=1))
         running = reg.begin("a.gguf")
-        assert next(running.stream(greedy("hello", 10_000)))  # room for about 2000 tokens: a second or more
+        pieces = running.stream(greedy("hello", 10_000))  # room for about 2000 tokens
+        _eventually(lambda: gate.steps == 1)  # the prompt and the first token; the loop waits at the gate
         with pytest.raises(ApiError) as err:
             reg.unload("a.gguf")
         assert (err.value.status, err.value.code) == (409, "model_busy")
         running.release()  # what the route does when the client goes away
+        gate.open()
         _eventually(lambda: reg.snapshot()[0]["slots"] == {"active": 0, "queued": 0})
         batched = reg._models["a.gguf"].batched
-        assert batched.stats().tokens_generated < 2000, "the slot was freed before its stream could finish"
+        # The closed slot is freed before the loop's next step: no token after the one it had.
+        assert batched.stats().tokens_generated == 1, "the slot was freed before its stream could go on"
+        assert len(list(pieces)) <= 1 and running.finish_reason == "cancelled"
         assert generate(reg, "a.gguf", greedy("hello", 4)), "after a timed-out unload the model serves again"
         assert reg.unload("a.gguf")
     finally:
+        gate.open()
         reg.unload_all()

@@ -41,12 +41,17 @@ def slots(worker) -> dict[str, dict]:
     return {m["name"]: m.get("slots") for m in requests.get(worker.url + "/models", timeout=10).json()["loaded"]}
 
 
-def test_concurrent_streams_share_steps_and_metrics_show_the_slots(services, make_model, tmp_path):
+def test_concurrent_streams_are_served_and_metrics_show_the_slots(services, make_model, tmp_path):
+    """Four concurrent requests on four slots, then /metrics. Whether they shared decode steps here
+    depends on the machine's speed (200 tokens take ~20 ms), so that claim is held in-process behind
+    a Gate: test_batching.py::test_streams_in_one_batch_get_their_own_text."""
     worker = services.worker(extra=["--n-parallel", "4", "--n-ctx", "512"])
     cache_and_load(worker, make_model(tmp_path / "src", "a.gguf", seed=1))
     results: list[tuple[int, str]] = []
+    start = threading.Barrier(4)
 
     def one(i: int) -> None:
+        start.wait()
         r = infer(worker, "a.gguf", PROMPTS[i], 200)
         results.append((r.status_code, r.text))
 
@@ -56,16 +61,22 @@ def test_concurrent_streams_share_steps_and_metrics_show_the_slots(services, mak
     for t in threads:
         t.join(timeout=60)
     assert len(results) == 4 and all(status == 200 and text for status, text in results)
-    text = requests.get(worker.url + "/metrics", timeout=10).text
+    # The decode thread reports a step after the stream it ended: its last step may lag the responses.
+    deadline = time.monotonic() + 10
+    while True:
+        text = requests.get(worker.url + "/metrics", timeout=10).text
+        batch_tokens = metric(text, "worker_batch_tokens_generated_total", model="a.gguf")
+        if batch_tokens == metric(text, "worker_tokens_generated_total") or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    # Every token counted, by the decode loop and by the responses; every step in the histogram.
+    assert batch_tokens == metric(text, "worker_tokens_generated_total") == 4 * 200
     steps = metric(text, "worker_batch_step_sequences_count", model="a.gguf")
-    single = metric(text, "worker_batch_step_sequences_bucket", le="1.0", model="a.gguf")
-    assert steps > 0 and single < steps, "some steps decoded several streams together"
-    # Slots in use, free and queued, per model; every token counted; a rate over the last seconds.
+    assert steps > 0 and metric(text, "worker_batch_step_sequences_bucket", le="4.0", model="a.gguf") == steps
+    # Slots in use, free and queued, per model; a rate over the last seconds.
     assert metric(text, "worker_batch_slots", model="a.gguf", state="active") == 0
     assert metric(text, "worker_batch_slots", model="a.gguf", state="free") == 4
     assert metric(text, "worker_batch_slots", model="a.gguf", state="queued") == 0
-    assert metric(text, "worker_batch_tokens_generated_total", model="a.gguf") == metric(
-        text, "worker_tokens_generated_total")
     assert metric(text, "worker_batch_tokens_per_second", model="a.gguf") > 0
     assert slots(worker) == {"a.gguf": {"active": 0, "queued": 0}}
 

@@ -4,6 +4,7 @@ against what each load really took."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from pathlib import Path
@@ -110,46 +111,51 @@ def test_budget_that_fits_one_model_refuses_the_second(services, make_model, tmp
 
 @needs_real_models
 def test_unload_waits_for_a_long_generation_while_the_other_model_serves(services, make_model, tmp_path):
-    worker = services.worker()
+    """The long generation is a response nobody reads (16000 tokens, ~300 KB of ndjson, twice what
+    the worker's capped send buffer and a 4 KiB receive buffer can hold): it holds tiny's model
+    until the client leaves, so everything below happens during it on any machine. The client then
+    hangs up rather than reading it back through that buffer (~20 s for 190 KB here). That a
+    draining unload lets the generation run to its end is held in-process, without the long decode:
+    test_parallel_generation.py::test_unload_waits_for_the_active_slots_and_refuses_new_requests.
+    """
+    worker = services.worker(extra=["--n-ctx", "16384"])
     cache(worker, REAL / SMOL)
     cache(worker, make_model(tmp_path / "src", "tiny.gguf", seed=31))
     assert load(worker, SMOL).status_code == 200 and load(worker, "tiny.gguf").status_code == 200
 
-    # Counting goes on to max_tokens at temperature 0: a generation of a few seconds.
-    long = requests.post(worker.url + "/infer", stream=True, timeout=120, json={
-        "prompt": "1, 2, 3, 4, 5,", "max_tokens": 150, "temperature": 0, "model": SMOL, "stream_format": "ndjson"})
-    lines = long.iter_lines()
-    assert json.loads(next(lines))["text"]
-    events: list[dict] = []
-    ended: list[float] = []
-
-    def read_rest() -> None:
-        events.extend(json.loads(line) for line in lines if line)
-        ended.append(time.monotonic())
-
-    reader = threading.Thread(target=read_rest)
-    reader.start()
-    unload: list[tuple[requests.Response, float]] = []
-    unloader = threading.Thread(target=lambda: unload.append((
-        requests.post(worker.url + "/unload", json={"model": SMOL}, timeout=120), time.monotonic())))
+    host, port = worker.url.removeprefix("http://").split(":")
+    conn = socket.socket()
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and never read past the status line
+    conn.connect((host, int(port)))
+    body = json.dumps({"prompt": "hi", "max_tokens": 16000, "temperature": 0, "model": "tiny.gguf",
+                       "stream_format": "ndjson"})
+    conn.sendall(f"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    conn.settimeout(30)
+    assert conn.recv(64).startswith(b"HTTP/1.1 200")
+    unload: list[requests.Response] = []
+    unloader = threading.Thread(target=lambda: unload.append(
+        requests.post(worker.url + "/unload", json={"model": "tiny.gguf"}, timeout=120)))
     unloader.start()
     deadline = time.monotonic() + 30
-    while not next(m for m in listing(worker)["loaded"] if m["name"] == SMOL)["unloading"]:
+    while True:
+        entry = {m["name"]: m for m in listing(worker)["loaded"]}.get("tiny.gguf")
+        assert entry is not None, "the unload did not wait for the running generation"
+        if entry["unloading"]:
+            break
         assert time.monotonic() < deadline
         time.sleep(0.01)
 
-    assert error_of(infer(worker, SMOL)) == (409, "model_unloading")
-    assert infer(worker, "tiny.gguf").status_code == 200
-    other_served = time.monotonic()
+    assert error_of(infer(worker, "tiny.gguf")) == (409, "model_unloading")
+    assert infer(worker, SMOL).status_code == 200, "the other model serves during the generation"
     assert unloader.is_alive(), "the unload waits for the running generation"
-    reader.join(timeout=120)
-    unloader.join(timeout=120)
+    assert loaded(worker) == [SMOL, "tiny.gguf"]
 
-    assert events[-1]["finish_reason"] == "length" and events[-1]["completion_tokens"] == 150
-    (response, unloaded_at), = unload
-    assert response.status_code == 200 and response.json() == {"unloaded": [SMOL]}
-    assert other_served < ended[0] <= unloaded_at, "tiny served during the generation; the unload came after it"
-    assert loaded(worker) == ["tiny.gguf"]
+    conn.close()  # the generation ends (the worker sees the client leave); now the unload goes on
+    unloader.join(timeout=120)
+    response, = unload
+    assert response.status_code == 200 and response.json() == {"unloaded": ["tiny.gguf"]}
+    assert loaded(worker) == [SMOL]
 
 
 @needs_real_models

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import threading
+import time
 
 import pytest
 import requests
@@ -256,19 +258,43 @@ def test_load_during_generation_lets_it_finish(worker, model_a, model_b):
     assert "disconnected" not in metrics
 
 
-def test_client_disconnect_stops_generation(worker, model_a):
+def unread_stream(url: str, body: dict) -> socket.socket:
+    """POST /infer on a socket with a small receive buffer that reads only the first bytes: the worker
+    then blocks writing a response larger than the socket buffers, and holds its model until the
+    socket is read or closed."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body)
+    conn = socket.socket()
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    conn.connect((host, int(port)))
+    conn.settimeout(30)
+    conn.sendall(f"POST /infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n{data}".encode())
+    assert conn.recv(64).startswith(b"HTTP/1.1 200")
+    return conn
+
+
+def test_client_disconnect_stops_generation(services, model_a):
+    """The unread stream holds the worker mid-response until the client closes, however fast the
+    machine decodes. That a closed stream's slot stops decoding is held in-process behind a Gate:
+    test_parallel_generation.py::test_drain_timeout_is_model_busy_and_a_disconnect_frees_the_slot."""
+    worker = services.worker(extra=["--n-ctx", "16384"])
     _upload(worker.url, "a.gguf", model_a.read_bytes(), "/load_model_from_store")
-    with requests.post(worker.url + "/infer", json={"prompt": "hi", "max_tokens": 1500, "temperature": 0},
-                       stream=True) as stream:
-        assert next(stream.iter_content(chunk_size=None))
+    conn = unread_stream(worker.url, {"prompt": "hi", "max_tokens": 16000, "temperature": 0,
+                                      "stream_format": "ndjson"})
+    # ~300 KB of ndjson: twice what the worker's send buffer (SEND_BUFFER_BYTES, doubled by Linux)
+    # and our 4 KiB receive buffer can hold, so the response cannot end before the close below.
+    conn.close()
     # The worker notices on its next write; a later request gets its turn.
     with requests.post(worker.url + "/infer", json={"prompt": "hi", "max_tokens": 2}, timeout=30) as r:
         assert r.status_code == 200
-    metrics = requests.get(worker.url + "/metrics").text
-    tokens = float(next(line.split()[1] for line in metrics.splitlines()
-                        if line.startswith("worker_tokens_generated_total")))
-    assert 'worker_infer_requests_total{result="disconnected"} 1.0' in metrics
-    assert tokens < 1500
+    deadline = time.monotonic() + 10
+    while 'result="disconnected"} 1.0' not in (metrics := requests.get(worker.url + "/metrics").text):
+        assert time.monotonic() < deadline, "no disconnect counted (or the whole response fit the socket buffers)"
+        time.sleep(0.02)
+    written = float(next(line.split()[1] for line in metrics.splitlines()
+                         if line.startswith("worker_tokens_generated_total")))
+    assert written < 16000, "the response stopped where the client left"
 
 
 def test_delete_unloads_and_removes(worker, model_a):
