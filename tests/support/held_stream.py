@@ -9,9 +9,11 @@ The worker must have room for the tokens (start it with `--n-ctx 8192`)."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 
+log = logging.getLogger(__name__)
 HELD_TOKENS = 8000  # ~1.5 MB of SSE: far beyond the socket buffers between worker, store and reader
 
 
@@ -42,9 +44,13 @@ class HeldStream:
 
     def read_to_end(self) -> list[dict | str]:
         """Read the rest until the server closes; return the events' data (dicts, and "[DONE]")."""
+        # A 4 KiB window drains at a few KB per delayed ACK: open it, so the rest comes at loopback speed.
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        started = time.monotonic()
         while chunk := self._sock.recv(65536):
             self._received += chunk
         self._sock.close()
+        log.info("held stream: read the rest in %.2fs", time.monotonic() - started)
         head, _, body = self._received.partition(b"\r\n\r\n")
         assert head.split(b" ", 2)[1] == b"200", head
         return [data if data == "[DONE]" else json.loads(data)
