@@ -69,7 +69,7 @@ def test_keep_alive_unloads_after_silence(services, multi_worker, models_dir):
 def test_a_swap_waits_for_the_busy_models_stream(services, models_dir):
     """b's swap must unload a, whose stream is held unread (so a is busy for as long as the test says, on
     any machine): the store shows b's swap draining a, b is not answered, and a's stream then completes."""
-    worker = services.worker(env={"MAX_LOADED_MODELS": "1"}, extra=["--n-ctx", "8192"])
+    worker = services.worker(env={"MAX_LOADED_MODELS": "1"}, extra=["--n-ctx", "4096"])
     store = services.store(models_dir, worker, max_cache_size=3, extra=["--max-swap-wait-ms", "0"])
     assert ask(store, "a.gguf")[0] == 200
     held = HeldStream(store.url, "a.gguf")

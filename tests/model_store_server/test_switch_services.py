@@ -20,7 +20,7 @@ def test_switch_drains_a_running_generation_and_reports_four_snapshots(services,
     models = tmp_path / "store-models"
     make_model(models, "a.gguf", seed=1, size_mb=8)
     make_model(models, "b.gguf", seed=2, size_mb=8)
-    worker = services.worker(env={"MAX_LOADED_MODELS": "1"}, extra=["--n-ctx", "8192"])
+    worker = services.worker(env={"MAX_LOADED_MODELS": "1"}, extra=["--n-ctx", "4096"])
     store = services.store(models, worker, max_cache_size=3,
                            extra=["--max-swap-wait-ms", "0", "--switch-settle-s", "0.3"])
     assert requests.post(store.url + "/admin/load", json={"model": "a.gguf"}, timeout=60).json()["loaded"] == ["a.gguf"]

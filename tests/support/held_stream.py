@@ -1,10 +1,12 @@
 """A streamed completion that the test reads only when it says so, to hold a model busy in the real tier.
 
 The services free a model only after the last piece of its stream was written (the worker's
-`_stream` and the store's `Forward.chunks` release in `finally`). A long SSE stream read through a
-socket with a 4 KiB receive buffer fills every buffer on the way and stops there, so the model stays
-busy exactly as long as the test does not read: no timing assumption about how fast tokens come.
-The worker must have room for the tokens (start it with `--n-ctx 8192`)."""
+`_stream` and the store's `Forward.chunks` release in `finally`). A stream far longer than the socket
+buffers between worker, store and reader stops there while the test does not read, so the model stays
+busy exactly as long as the test says: no assumption about how fast tokens come. The worker must have
+room for the tokens (start it with `--n-ctx 4096`). Measured here: with a 4 KiB receive buffer (as in
+test_slow_clients.py, which never reads on), or 4000-8000 tokens at --n-ctx 8192, the rest took 6-80 s
+once the test read on; 3000 tokens at 4096 with the default buffer take under 0.2 s."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import socket
 import time
 
 log = logging.getLogger(__name__)
-HELD_TOKENS = 8000  # ~1.5 MB of SSE: far beyond the socket buffers between worker, store and reader
+HELD_TOKENS = 3000  # ~620 KB of SSE: six times what the buffers between worker, store and reader took in
 
 
 class HeldStream:
@@ -25,7 +27,6 @@ class HeldStream:
                            "stream": True})
         host, port = url.removeprefix("http://").split(":")
         self._sock = socket.socket()
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: it sets the window
         self._sock.settimeout(60)
         self._sock.connect((host, int(port)))
         # HTTP/1.0: the body is not chunked and ends when the server closes the connection.
@@ -44,8 +45,6 @@ class HeldStream:
 
     def read_to_end(self) -> list[dict | str]:
         """Read the rest until the server closes; return the events' data (dicts, and "[DONE]")."""
-        # A 4 KiB window drains at a few KB per delayed ACK: open it, so the rest comes at loopback speed.
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         started = time.monotonic()
         while chunk := self._sock.recv(65536):
             self._received += chunk
