@@ -11,6 +11,9 @@ import time
 import pytest
 import requests
 
+from tests.support.held_stream import HeldStream
+from tests.support.store_harness import wait_for
+
 PROMPT = {"prompt": "hello", "max_tokens": 4}
 pytestmark = pytest.mark.slow
 
@@ -18,6 +21,10 @@ pytestmark = pytest.mark.slow
 def ask(store, model, **extra):
     r = requests.post(store.url + "/user_request", json={**PROMPT, "model": model, **extra}, timeout=120)
     return r.status_code, r.headers.get("X-Cache-Action"), r.headers.get("X-Cache-Unloaded", ""), r.content
+
+
+def gates(store) -> dict:
+    return requests.get(store.url + "/models", timeout=10).json()["gates"]
 
 
 def worker_loaded(worker) -> list[str]:
@@ -56,31 +63,41 @@ def test_keep_alive_unloads_after_silence(services, multi_worker, models_dir):
     store = services.store(models_dir, worker, extra=["--keep-alive-seconds", "2"])
     assert ask(store, "a.gguf")[0] == 200
     assert worker_loaded(worker) == ["a.gguf"]
-    time.sleep(4)
-    assert worker_loaded(worker) == []
+    wait_for(lambda: worker_loaded(worker) == [], timeout=30, every=0.1)  # no request comes: the timer unloads it
 
 
-def test_a_swap_waits_for_the_busy_models_stream(services, multi_worker, models_dir):
-    worker = multi_worker(1)
+def test_a_swap_waits_for_the_busy_models_stream(services, models_dir):
+    """b's swap must unload a, whose stream is held unread (so a is busy for as long as the test says, on
+    any machine): the store shows b's swap draining a, b is not answered, and a's stream then completes."""
+    worker = services.worker(env={"MAX_LOADED_MODELS": "1"}, extra=["--n-ctx", "4096"])
     store = services.store(models_dir, worker, max_cache_size=3, extra=["--max-swap-wait-ms", "0"])
     assert ask(store, "a.gguf")[0] == 200
-    ended = {}
+    held = HeldStream(store.url, "a.gguf")
+    try:
+        held.read_started()
+        answered = threading.Event()
+        result = {}
 
-    def long_stream():
-        r = requests.post(store.url + "/user_request", json={"prompt": "count", "model": "a.gguf",
-                                                             "max_tokens": 600}, stream=True, timeout=120)
-        for _ in r.iter_content(None):
-            pass
-        ended["a"] = time.monotonic()
+        def ask_b():
+            try:
+                result["b"] = ask(store, "b.gguf")
+            finally:
+                answered.set()
 
-    t = threading.Thread(target=long_stream)
-    t.start()
-    time.sleep(0.2)
-    status, action, unloaded, body = ask(store, "b.gguf")
-    ended["b"] = time.monotonic()
-    t.join(60)
+        t = threading.Thread(target=ask_b, daemon=True)
+        t.start()
+        # a's gate shut while its one use runs: b's swap holds the lane and waits for a to drain.
+        wait_for(lambda: (g := gates(store))["closed"] == ["a.gguf"] and g["uses"].get("a.gguf") == 1
+                 and g["lane_busy"], timeout=30, every=0.01)
+        assert not answered.is_set(), "b was answered while a's stream was still running"
+        frames = held.read_to_end()
+    finally:
+        held.close()
+    assert frames[-1] == "[DONE]" and frames[-2]["choices"][0]["finish_reason"] == "length", "a's stream completed"
+    assert not any(isinstance(f, dict) and "error" in f for f in frames)
+    assert answered.wait(60)
+    status, action, unloaded, body = result["b"]
     assert (status, action, unloaded) == (200, "load_from_store", "a.gguf") and body
-    assert ended["a"] <= ended["b"], "b was loaded only after a's stream ended"
 
 
 @pytest.mark.parametrize("max_loaded", [1, 2])

@@ -36,10 +36,12 @@ def wait_for(predicate, timeout=30.0):
         time.sleep(0.05)
 
 
-def kill_on_transfer(store, model, by_name, done: threading.Event, killed: list):
+def kill_on_transfer(store, model, by_name, subscribed: threading.Event, done: threading.Event, killed: list):
     """Watch /events; SIGKILL the worker a transfer of `model` starts on, at once."""
     with requests.get(store.url + "/events", stream=True, timeout=60) as r:
         for line in r.iter_lines():
+            if line.startswith(b": "):  # the store subscribes before its first comment: no event is missed now
+                subscribed.set()
             if line.startswith(b"data: "):
                 event = json.loads(line[6:])
                 if event["event"] == "transfer_started" and event["model"] == model:
@@ -77,10 +79,11 @@ def test_two_workers_keep_their_models_survive_a_store_restart_and_a_killed_work
         assert ask(store, model)[:3] == (200, "already_loaded", home[model])
 
     # kill -9 the worker a transfer of c goes to, while it goes: that request fails with a code...
-    done, killed = threading.Event(), []
-    watcher = threading.Thread(target=kill_on_transfer, args=(store, "c.gguf", by_name, done, killed), daemon=True)
+    subscribed, done, killed = threading.Event(), threading.Event(), []
+    watcher = threading.Thread(target=kill_on_transfer, args=(store, "c.gguf", by_name, subscribed, done, killed),
+                               daemon=True)
     watcher.start()
-    time.sleep(0.3)  # the watcher is subscribed
+    assert subscribed.wait(30), "the watcher did not get the store's first /events frame"
     status, _, _, r = ask(store, "c.gguf")
     done.set()
     watcher.join(10)

@@ -4,14 +4,14 @@ figures. The rules are tested fast over a FakeWorker in test_switch.py."""
 
 from __future__ import annotations
 
-import json
 import threading
-import time
 
 import pytest
 import requests
 
 from model_store_server.switch import SNAPSHOTS
+from tests.support.held_stream import HeldStream
+from tests.support.store_harness import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -20,40 +20,40 @@ def test_switch_drains_a_running_generation_and_reports_four_snapshots(services,
     models = tmp_path / "store-models"
     make_model(models, "a.gguf", seed=1, size_mb=8)
     make_model(models, "b.gguf", seed=2, size_mb=8)
-    worker = services.worker(env={"MAX_LOADED_MODELS": "1"})
+    worker = services.worker(env={"MAX_LOADED_MODELS": "1"}, extra=["--n-ctx", "4096"])
     store = services.store(models, worker, max_cache_size=3,
                            extra=["--max-swap-wait-ms", "0", "--switch-settle-s", "0.3"])
     assert requests.post(store.url + "/admin/load", json={"model": "a.gguf"}, timeout=60).json()["loaded"] == ["a.gguf"]
 
-    frames: list[dict | str] = []
-    started = threading.Event()
-    ended = {}
+    # a's stream is held unread, so it is running when the switch comes and until the test reads it.
+    held = HeldStream(store.url, "a.gguf")
+    try:
+        held.read_started()
+        answered = threading.Event()
+        result = {}
 
-    def generate():
-        # Greedy: a tiny model's end-of-text token is rarely the likeliest, so it runs all 1000 tokens.
-        request = {"model": "a.gguf", "prompt": "count", "max_tokens": 1000, "temperature": 0, "stream": True}
-        with requests.post(store.url + "/v1/completions", json=request, stream=True, timeout=120) as r:
-            for line in r.iter_lines():
-                if line.startswith(b"data: "):
-                    data = line[6:].decode()
-                    frames.append(data if data == "[DONE]" else json.loads(data))
-                    started.set()
-        ended["at"] = time.monotonic()
+        def switch():
+            try:
+                result["r"] = requests.post(store.url + "/admin/switch", json={"model": "b.gguf"}, timeout=120)
+            finally:
+                answered.set()
 
-    t = threading.Thread(target=generate)
-    t.start()
-    assert started.wait(30), "the generation did not start"
-    sent_at = time.monotonic()
-    r = requests.post(store.url + "/admin/switch", json={"model": "b.gguf"}, timeout=120)
-    answered_at = time.monotonic()
-    t.join(60)
+        threading.Thread(target=switch, daemon=True).start()
+        # The switch closed a's gate and waits for its one running stream to drain.
+        wait_for(lambda: (g := requests.get(store.url + "/models", timeout=10).json()["gates"])["closed"]
+                 == ["a.gguf"] and g["uses"].get("a.gguf") == 1 and g["lane_busy"], timeout=30, every=0.01)
+        assert not answered.is_set(), "the switch answered while a's generation was still running"
+        frames = held.read_to_end()
+    finally:
+        held.close()
+    assert answered.wait(60)
+    r = result["r"]
 
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["model"], body["action"], body["unloaded"], body["loaded"]) == \
         ("b.gguf", "load_from_store", ["a.gguf"], ["b.gguf"])
-    # The generation was running when the switch came, and it completed: a finish reason, then [DONE].
-    assert sent_at < ended["at"] <= answered_at
+    # The generation that was running when the switch came completed: a finish reason, then [DONE].
     assert frames[-1] == "[DONE]" and frames[-2]["choices"][0]["finish_reason"] == "length"
     assert not any(isinstance(f, dict) and "error" in f for f in frames)
 

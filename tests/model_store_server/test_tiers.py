@@ -66,20 +66,22 @@ def test_a_third_model_unloads_the_least_recently_used(two_resident, caplog):
 
 
 def test_a_request_for_a_resident_model_does_not_wait_for_another_models_transfer(tmp_path):
+    """b's push is held until the test lets it go, so a's request meets it running on any machine."""
     app, fake = fake_store(tmp_path, FakeWorker(max_loaded=2), max_cache_size=3)
     core = core_of(app)
     core.lease("a.gguf", None, Outcome()).release()
-    fake.push_seconds = 1.5
+    fake.hold_pushes()
     results: dict = {}
     t = lease_in_thread(core, "b.gguf", results)
-    wait_for(lambda: core.view()[0]["in_flight"])  # b's transfer has started
-    started = time.monotonic()
-    outcome = Outcome()
-    lease = core.lease("a.gguf", None, outcome)
-    waited = time.monotonic() - started
-    lease.release()
-    assert outcome.action == "already_loaded" and "b.gguf" not in results
-    assert waited < 0.5, f"a request for resident a waited {waited:.2f}s behind b's transfer"
+    try:
+        wait_for(lambda: core.view()[0]["in_flight"])  # b's transfer has started, and stays until released
+        a_results: dict = {}
+        lease_in_thread(core, "a.gguf", a_results)
+        wait_for(lambda: "a.gguf" in a_results, 10.0)  # behind b's transfer it would wait until the release
+        assert "b.gguf" not in results and core.view()[0]["in_flight"], "a was served while b's push was held"
+        a_results["a.gguf"].release()
+    finally:
+        fake.release_pushes()
     t.join(10)
     results["b.gguf"].release()
 
@@ -132,34 +134,45 @@ def test_requests_for_a_victim_overtake_a_waiting_swap_only_within_the_bound(tmp
 
 
 def test_a_swap_behind_a_stream_of_overlapping_requests_does_not_starve(tmp_path):
-    bound_s, generation_s = 0.4, 0.15
+    """The test keeps a busy itself: each new lease on a is taken before the previous one is let go, so a
+    is never idle; within the bound they overtake the swap, then a's gate closes, they drain, and b loads."""
+    bound_s = 0.2
     app, fake = fake_store(tmp_path, FakeWorker(max_loaded=1), max_cache_size=3, max_swap_wait_ms=int(bound_s * 1000))
     core = core_of(app)
-    core.lease("a.gguf", None, Outcome()).release()
-    stop = threading.Event()
+    held = [core.lease("a.gguf", None, Outcome())]
+    swap: dict = {}
 
-    def keep_a_busy():
-        while not stop.is_set():
-            try:
-                lease = core.lease("a.gguf", None, Outcome())
-            except Exception:
-                return
-            time.sleep(generation_s)
-            lease.release()
+    def ask_b():
+        started = time.monotonic()
+        swap["lease"] = core.lease("b.gguf", None, Outcome())
+        swap["waited"] = time.monotonic() - started
 
-    clients = [threading.Thread(target=keep_a_busy, daemon=True) for _ in range(4)]
-    for c in clients:
-        c.start()
-        time.sleep(generation_s / 4)  # overlapping: a is never idle
-    started = time.monotonic()
-    lease = core.lease("b.gguf", None, Outcome())
-    waited = time.monotonic() - started
-    lease.release()
-    stop.set()
-    for c in clients:
-        c.join(10)
-    assert waited < bound_s + generation_s + 0.5, f"the swap to b waited {waited:.2f}s"
-    assert waited >= bound_s * 0.9, "a was busy throughout: the swap had to use its bound"
+    t = threading.Thread(target=ask_b, daemon=True)
+    t.start()
+    closed = lambda: "a.gguf" in core.view()[0]["gates"]["closed"]  # noqa: E731
+    overtook, waiter, deadline = 0, None, time.monotonic() + 10
+    while not closed():
+        assert time.monotonic() < deadline, "requests for a kept overtaking: the swap to b starved"
+        got: dict = {}
+        thread = lease_in_thread(core, "a.gguf", got)
+        wait_for(lambda: "a.gguf" in got or closed(), 10.0)
+        if "a.gguf" in got:  # the new use began before the old one ends: a is never idle
+            held.append(got["a.gguf"])
+            held.pop(0).release()
+            overtook += 1
+        else:
+            waiter = (thread, got)
+        time.sleep(0.01)
+    assert "lease" not in swap and overtook >= 1
+    for lease in held:
+        lease.release()
+    t.join(10)
+    assert swap["waited"] >= bound_s, "a was busy throughout: the swap had to use its bound"
+    assert fake.changes()[-1] == "load b.gguf"
+    swap["lease"].release()
+    if waiter is not None:  # a request for a that came after the gate closed waited behind the swap; now served
+        waiter[0].join(10)
+        waiter[1]["a.gguf"].release()
 
 
 def test_worker_refusing_for_memory_makes_the_store_unload_more(tmp_path):

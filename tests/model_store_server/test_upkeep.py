@@ -44,10 +44,17 @@ def test_keep_alive_never_counts_while_a_stream_runs(tmp_path):
 
 @pytest.mark.parametrize("keep_alive,stays", [(0, False), ("0s", False), (-1, True), ("5m", True)])
 def test_keep_alive_per_request(tmp_path, keep_alive, stays):
-    app, fake = fake_store(tmp_path, FakeWorker(max_loaded=2), keep_alive_seconds=1.0)
-    ask(app.test_client(), "a.gguf", keep_alive=keep_alive)
-    time.sleep(0.3)  # well inside the default 1 s, well past 0
-    assert ("a.gguf" in fake.loaded) is stays
+    """The request's keep_alive beats the default: 0 unloads a though the default is a minute; -1 and 5m keep a
+    after the default's timer unloaded b, asked after a (so a would have gone first had its own been ignored)."""
+    app, fake = fake_store(tmp_path, FakeWorker(max_loaded=2), keep_alive_seconds=0.2 if stays else 60)
+    client = app.test_client()
+    ask(client, "a.gguf", keep_alive=keep_alive)
+    if stays:
+        ask(client, "b.gguf")
+        wait_for(lambda: "b.gguf" not in fake.loaded, 3.0)
+        assert "a.gguf" in fake.loaded
+    else:
+        wait_for(lambda: "a.gguf" not in fake.loaded, 3.0)
 
 
 def test_bad_keep_alive_is_a_400_before_anything_moves(tmp_path):

@@ -82,6 +82,7 @@ class FakeWorker:
         self.n_ctx = 2048
         self.sent: list[tuple[str, tuple[dict, ...] | None]] = []  # each generation's model and chat messages
         self._holds: dict[str, threading.Event] = {}
+        self._push_hold: threading.Event | None = None
         self._breaks: set[str] = set()
         self._cond = threading.Condition()
 
@@ -95,6 +96,17 @@ class FakeWorker:
     def release(self, model: str) -> None:
         with self._cond:
             event = self._holds.pop(model, None)
+        if event:
+            event.set()
+
+    def hold_pushes(self) -> None:
+        """Pushes report their first progress, then wait for release_pushes()."""
+        with self._cond:
+            self._push_hold = threading.Event()
+
+    def release_pushes(self) -> None:
+        with self._cond:
+            event, self._push_hold = self._push_hold, None
         if event:
             event.set()
 
@@ -165,6 +177,10 @@ class FakeWorker:
                 time.sleep(self.push_seconds / steps)
             if progress:
                 progress(size * i // steps)
+            with self._cond:
+                hold = self._push_hold
+            if hold is not None:
+                hold.wait(60)
         with self._cond:
             self.disk[name] = (size, sha256)
             self.disk_used[name] = time.monotonic()
