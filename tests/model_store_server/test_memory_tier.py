@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from tests.support.held_stream import HeldStream
+from tests.support.held_stream import answered_after_hold
 from tests.support.store_harness import wait_for
 
 PROMPT = {"prompt": "hello", "max_tokens": 4}
@@ -21,10 +21,6 @@ pytestmark = pytest.mark.slow
 def ask(store, model, **extra):
     r = requests.post(store.url + "/user_request", json={**PROMPT, "model": model, **extra}, timeout=120)
     return r.status_code, r.headers.get("X-Cache-Action"), r.headers.get("X-Cache-Unloaded", ""), r.content
-
-
-def gates(store) -> dict:
-    return requests.get(store.url + "/models", timeout=10).json()["gates"]
 
 
 def worker_loaded(worker) -> list[str]:
@@ -74,28 +70,7 @@ def test_a_swap_waits_for_the_busy_models_stream(services, models_dir):
     worker = services.worker(env={"MAX_LOADED_MODELS": "1"}, extra=["--n-ctx", "4096"])
     store = services.store(models_dir, worker, max_cache_size=3, extra=["--max-swap-wait-ms", "0"])
     assert ask(store, "a.gguf")[0] == 200
-    held = HeldStream(store.url, "a.gguf")
-    try:
-        held.read_started()
-        answered = threading.Event()
-        result = {}
-
-        def ask_b():
-            try:
-                result["b"] = ask(store, "b.gguf")
-            finally:
-                answered.set()
-
-        t = threading.Thread(target=ask_b, daemon=True)
-        t.start()
-        # a's gate shut while its one use runs: b's swap holds the lane and waits for a to drain.
-        wait_for(lambda: (g := gates(store))["closed"] == ["a.gguf"] and g["uses"].get("a.gguf") == 1
-                 and g["lane_busy"], timeout=30, every=0.01)
-        assert not answered.is_set(), "b was answered while a's stream was still running"
-    finally:
-        held.close()  # a's reader hangs up: the store's next write fails at once and a's use ends
-    assert answered.wait(60)
-    status, action, unloaded, body = result["b"]
+    status, action, unloaded, body = answered_after_hold(store.url, "a.gguf", lambda: ask(store, "b.gguf"))
     assert (status, action, unloaded) == (200, "load_from_store", "a.gguf") and body
 
 

@@ -5,14 +5,12 @@ test_switch.py (reading a held stream on sometimes stalled for tens of seconds i
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 import requests
 
 from model_store_server.switch import SNAPSHOTS
-from tests.support.held_stream import HeldStream
-from tests.support.store_harness import wait_for
+from tests.support.held_stream import answered_after_hold
 
 pytestmark = pytest.mark.slow
 
@@ -27,27 +25,8 @@ def test_switch_drains_a_running_generation_and_reports_four_snapshots(services,
     assert requests.post(store.url + "/admin/load", json={"model": "a.gguf"}, timeout=60).json()["loaded"] == ["a.gguf"]
 
     # a's stream is held unread, so it is running when the switch comes and until the test hangs up.
-    held = HeldStream(store.url, "a.gguf")
-    try:
-        held.read_started()
-        answered = threading.Event()
-        result = {}
-
-        def switch():
-            try:
-                result["r"] = requests.post(store.url + "/admin/switch", json={"model": "b.gguf"}, timeout=120)
-            finally:
-                answered.set()
-
-        threading.Thread(target=switch, daemon=True).start()
-        # The switch closed a's gate and waits for its one running stream to drain.
-        wait_for(lambda: (g := requests.get(store.url + "/models", timeout=10).json()["gates"])["closed"]
-                 == ["a.gguf"] and g["uses"].get("a.gguf") == 1 and g["lane_busy"], timeout=30, every=0.01)
-        assert not answered.is_set(), "the switch answered while a's generation was still running"
-    finally:
-        held.close()  # a's reader hangs up: the store's next write fails at once and a's use ends
-    assert answered.wait(60)
-    r = result["r"]
+    r = answered_after_hold(store.url, "a.gguf", lambda: requests.post(store.url + "/admin/switch",
+                                                                        json={"model": "b.gguf"}, timeout=120))
 
     assert r.status_code == 200, r.text
     body = r.json()

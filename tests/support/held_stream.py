@@ -13,7 +13,14 @@ from __future__ import annotations
 import json
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
 
+import requests
+
+from tests.support.store_harness import wait_for
+
+T = TypeVar("T")
 HELD_TOKENS = 1500  # ~310 KB of SSE: three times what the buffers between worker, store and reader took in
 # (fewer tokens, less generation: on a loaded 2-core machine a 3000-token hold slowed whole test runs)
 
@@ -44,3 +51,20 @@ class HeldStream:
 
     def close(self) -> None:
         self._sock.close()
+
+
+def answered_after_hold(url: str, model: str, call: Callable[[], T]) -> T:
+    """Run `call` (a swap or switch that must unload `model`) while a stream of `model` is held, and
+    return its answer. Before hanging up: the store must show `model`'s gate closed with its one use
+    still running and the lane busy (the call waits for the drain), and the call must not have answered."""
+    held = HeldStream(url, model)
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            held.read_started()
+            answer = pool.submit(call)
+            wait_for(lambda: (g := requests.get(url + "/models", timeout=10).json()["gates"])["closed"] == [model]
+                     and g["uses"].get(model) == 1 and g["lane_busy"], timeout=30, every=0.01)
+            assert not answer.done(), f"answered while {model}'s stream was still running"
+        finally:
+            held.close()  # the reader hangs up: the store's next write fails at once and the use ends
+        return answer.result(timeout=60)
